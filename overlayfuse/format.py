@@ -1,0 +1,153 @@
+"""The on-disk layer format shared by every backend: whiteouts, opaque dirs, redirects, xattrs.
+
+It is the kernel's format (Documentation/filesystems/overlayfs.rst), so a layer written by one
+backend mounts unchanged in the other.  Everything that reads or writes a marker goes through
+here; the rest of the package never spells an xattr name itself.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+TRUSTED_PREFIX = b"trusted.overlay."
+USER_PREFIX = b"user.overlay."
+PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
+
+# OCI/aufs whiteout forms, read (never written) so container layers mount as they are.
+WH_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+# Our own addition: the overlay inode number an entry had before it was copied up, so that
+# st_ino (which FUSE also uses as the node id) survives copy-up and remounts.  The kernel hides
+# every name under its private prefixes and ignores names it does not know.
+INO_XATTR = b"ovf.ino"
+
+
+def default_prefix() -> bytes:
+    """The namespace the kernel would use for this process: trusted as root, user otherwise."""
+    return TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """Overlay bookkeeping that users never see through the mount (as the kernel hides it)."""
+    return name.startswith(TRUSTED_PREFIX) or name.startswith(USER_PREFIX)
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """The kernel's native whiteout: a character device 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def proc_path(dirfd: int, name: bytes) -> bytes:
+    """A path that reaches ``name`` inside the held directory ``dirfd`` without any path walk.
+
+    Used for the xattr calls, which have no ``*at`` form; only ``name``'s own last component is
+    resolved, and callers pass ``follow_symlinks=False`` so that is never followed either.
+    """
+    if not name:
+        return b"/proc/self/fd/%d" % dirfd
+    return b"/proc/self/fd/%d/%s" % (dirfd, name)
+
+
+def get_xattr(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
+    """The value of ``attr`` on ``name`` in ``dirfd``, or None when absent or unsupported."""
+    try:
+        # with no name the magic link itself must be followed to reach the directory
+        return os.getxattr(proc_path(dirfd, name), attr, follow_symlinks=not name)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def overlay_xattrs(dirfd: int, name: bytes) -> dict[bytes, bytes]:
+    """All overlay xattrs of an entry, keyed without their namespace prefix.
+
+    One listxattr answers "none" for most entries, which keeps lookups to a syscall or two.
+    """
+    path = proc_path(dirfd, name)
+    try:
+        names = os.listxattr(path, follow_symlinks=not name)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.ENOENT):
+            return {}
+        raise
+    found: dict[bytes, bytes] = {}
+    for attr in names:
+        battr = attr.encode("utf-8", "surrogateescape")
+        for prefix in PRIVATE_PREFIXES:
+            if battr.startswith(prefix):
+                key = battr[len(prefix):]
+                if key in found:
+                    continue
+                try:
+                    found[key] = os.getxattr(path, battr, follow_symlinks=not name)
+                except OSError as e:
+                    if e.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
+                        raise
+    return found
+
+
+def opaque_in(marks: dict[bytes, bytes]) -> bool:
+    """``opaque=y`` hides the layers below; ``x`` (kernel 6.7) only flags xattr whiteouts."""
+    return marks.get(b"opaque") == b"y"
+
+
+def has_opaque_marker(dirfd: int, name: bytes) -> bool:
+    """The OCI form of an opaque dir: a ``.wh..wh..opq`` file inside it."""
+    path = name + b"/" + OPAQUE_MARKER if name else OPAQUE_MARKER
+    try:
+        os.stat(path, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def get_overlay_xattr(dirfd: int, name: bytes, key: bytes) -> bytes | None:
+    """Read an overlay xattr in either namespace (layers may come from root or from a user)."""
+    for prefix in PRIVATE_PREFIXES:
+        value = get_xattr(dirfd, name, prefix + key)
+        if value is not None:
+            return value
+    return None
+
+
+def set_overlay_xattr(dirfd: int, name: bytes, prefix: bytes, key: bytes, value: bytes) -> None:
+    os.setxattr(proc_path(dirfd, name), prefix + key, value, follow_symlinks=not name)
+
+
+def is_opaque(dirfd: int, name: bytes) -> bool:
+    """An opaque dir hides everything below it: xattr ``opaque=y`` or the OCI marker file.
+
+    The value ``x`` (kernel 6.7) only says the dir may hold xattr whiteouts; it is not opaque.
+    """
+    if get_overlay_xattr(dirfd, name, b"opaque") == b"y":
+        return True
+    path = name + b"/" + OPAQUE_MARKER if name else OPAQUE_MARKER
+    try:
+        os.stat(path, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
+    """The kernel's whiteout for nested overlays: an empty regular file with ``whiteout``."""
+    return (stat.S_ISREG(st.st_mode) and st.st_size == 0
+            and get_overlay_xattr(dirfd, name, b"whiteout") is not None)
+
+
+def read_redirect(dirfd: int, name: bytes) -> bytes | None:
+    """Where a renamed directory's lower part lives: ``/abs/path`` or a sibling name."""
+    return get_overlay_xattr(dirfd, name, b"redirect")
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    """Write the kernel's whiteout (char 0/0); fall back to ``.wh.NAME`` where mknod is refused."""
+    try:
+        os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dirfd)
+    except PermissionError:
+        fd = os.open(WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
+                     0o000, dir_fd=dirfd)
+        os.close(fd)

@@ -1,0 +1,174 @@
+"""Copy-up: bring a lower entry into the upper layer before its first change (copy_up.c).
+
+The copy is built under a temporary name in ``work/`` (data, owner, mode, xattrs, then times)
+and renamed into place, so a crash or a killed daemon leaves either no upper entry or a
+complete one, never half a file.  Parents are copied up first.  A multiply-linked file is also
+linked into the hard-link index, so its other names find the copy (the kernel's ``index=on``).
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from .. import format as fmt
+from .inodes import Node
+from .overlay import Overlay
+
+log = logging.getLogger(__name__)
+_tmp_names = itertools.count()
+_COPY_CHUNK = 64 << 20
+
+
+def temp_name() -> bytes:
+    return b"#ovf%x" % next(_tmp_names)
+
+
+def copy_up(ovl: Overlay, node: Node) -> None:
+    """Ensure ``node`` exists in the upper layer, its ancestors first."""
+    if node.upper:
+        return
+    ovl.require_writable()
+    chain = []
+    while not node.upper:
+        chain.append(node)
+        node = node.parent_and_name()[0]
+    for item in reversed(chain):
+        _copy_up_one(ovl, item)
+
+
+def _copy_up_one(ovl: Overlay, node: Node) -> None:
+    parent, name = node.parent_and_name()
+    udir = ovl.upper_dirfd(parent)
+    if node.index is not None:
+        os.link(node.index, name, src_dir_fd=ovl.index_fd, dst_dir_fd=udir, follow_symlinks=False)
+        node.upper, node.index = True, None
+        return
+    src_dir, src_name = ovl.lower_location(node)
+    st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+    tmp = temp_name()
+    work = ovl.work_fd
+    try:
+        if stat.S_ISREG(st.st_mode):
+            _copy_file(ovl, src_dir, src_name, tmp, st)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(tmp, 0o700, dir_fd=work)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(src_name, dir_fd=src_dir), tmp, dir_fd=work)
+        else:
+            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+        copy_metadata(ovl, src_dir, src_name, work, tmp, st, node.ino)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            _link_into_index(ovl, tmp, node)
+        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=udir)
+    except BaseException:
+        _remove_temp(work, tmp)
+        raise
+    node.upper = True
+
+
+def _copy_file(ovl: Overlay, src_dir: int, src_name: bytes, tmp: bytes, st: os.stat_result) -> None:
+    src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=ovl.work_fd)
+        try:
+            copy_data(src, dst, st.st_size)
+            if not ovl.spec.volatile:
+                os.fsync(dst)  # as the kernel: the copy is durable before it replaces the lower
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """copy_file_range (reflink or in-kernel copy where possible), read/write as fallback."""
+    offset = 0
+    try:
+        while offset < size:
+            n = os.copy_file_range(src, dst, min(_COPY_CHUNK, size - offset), offset, offset)
+            if n == 0:
+                break
+            offset += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    while True:
+        buf = os.pread(src, 1 << 20, offset)
+        if not buf:
+            break
+        os.pwrite(dst, buf, offset)
+        offset += len(buf)
+
+
+def copy_metadata(ovl: Overlay, src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes,
+                  st: os.stat_result, ino: int) -> None:
+    """Owner, xattrs, the saved inode number, mode, then times (last: the others touch ctime)."""
+    dst_path = fmt.proc_path(dst_dir, dst_name)
+    try:
+        os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+    except PermissionError:
+        pass  # an unprivileged daemon owns what it creates, as fuse-overlayfs does
+    copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path)
+    try:
+        fmt.set_overlay_xattr(dst_dir, dst_name, ovl.prefix, fmt.INO_XATTR, b"%d" % ino)
+    except OSError as e:  # user.* xattrs exist only on files and dirs
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
+    os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
+    try:
+        names = os.listxattr(src_path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EPERM):
+            return
+        raise
+    for attr in names:
+        battr = attr.encode() if isinstance(attr, str) else attr
+        if fmt.is_private_xattr(battr):
+            continue
+        try:
+            value = os.getxattr(src_path, battr, follow_symlinks=False)
+            os.setxattr(dst_path, battr, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENODATA):
+                raise
+            log.debug("xattr %r not copied up: %s", battr, e)
+
+
+def _link_into_index(ovl: Overlay, tmp: bytes, node: Node) -> None:
+    index_name = b"%d" % node.ino
+    try:
+        os.link(tmp, index_name, src_dir_fd=ovl.work_fd, dst_dir_fd=ovl.index_fd,
+                follow_symlinks=False)
+    except FileExistsError:
+        os.unlink(index_name, dir_fd=ovl.index_fd)  # stale: from a mount over other lowers
+        os.link(tmp, index_name, src_dir_fd=ovl.work_fd, dst_dir_fd=ovl.index_fd,
+                follow_symlinks=False)
+
+
+def _remove_temp(work: int, tmp: bytes) -> None:
+    try:
+        os.unlink(tmp, dir_fd=work)
+    except IsADirectoryError:
+        os.rmdir(tmp, dir_fd=work)
+    except FileNotFoundError:
+        pass
+
+
+def ensure_upper_dir(ovl: Overlay, node: Node) -> int:
+    """The upper dir fd of directory ``node``, copying it up first (for namespace changes)."""
+    if not node.is_dir:
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+    copy_up(ovl, node)
+    return ovl.upper_dirfd(node)

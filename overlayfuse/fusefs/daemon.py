@@ -1,0 +1,126 @@
+"""The daemon: mount, report readiness to the command that started it, serve, unmount.
+
+``mount_fuse`` returns only once the kernel has the mount (or raises with the reason), so a
+container engine or a script can use the merged tree right after the command returns.  In the
+background the daemon is double-forked (no zombie in a long-lived caller) and detached from the
+terminal; SIGTERM, SIGINT and ``fusermount3 -u`` all end it with the mount cleanly removed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from ..errors import OverlayfuseError
+from ..spec import OverlaySpec
+from .ops import OverlayOperations
+from .overlay import Config, Overlay
+
+log = logging.getLogger(__name__)
+_READY = b"OK"
+
+
+def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
+               fuse_options: Sequence[str] = (), debug: bool = False) -> int:
+    """Mount ``spec`` at ``mountpoint`` with the FUSE backend.
+
+    Foreground: serve until unmounted and return 0.  Background: return the daemon's PID once
+    the mount is ready; raise OverlayfuseError if it could not be mounted.
+    """
+    if foreground:
+        serve(spec, mountpoint, fuse_options, debug, ready_fd=None)
+        return 0
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked process
+        os.close(read_end)
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            os.write(write_end, b"%d\n" % os.getpid())
+            _detach(debug)
+            serve(spec, mountpoint, fuse_options, debug, ready_fd=write_end)
+            os._exit(0)
+        except BaseException as e:  # noqa: BLE001 - everything must reach the parent
+            _report(write_end, e)
+            os._exit(1)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        first = pipe.readline()
+        status = pipe.read(len(_READY))
+        if status == _READY:
+            return int(first)
+        message = (status + pipe.read()).decode(errors="replace").strip().removeprefix("E")
+    raise OverlayfuseError(message or "the FUSE daemon exited before the mount was ready")
+
+
+def _report(fd: int, exc: BaseException) -> None:
+    text = str(exc) if isinstance(exc, OverlayfuseError) else f"{type(exc).__name__}: {exc}"
+    try:
+        os.write(fd, b"E" + text.splitlines()[0].encode() if text else b"Efailed")
+    except OSError:
+        pass
+
+
+def _detach(debug: bool) -> None:
+    """Stdin/stdout/stderr to /dev/null: nothing may hold the caller's terminal or pipes."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1) if debug else (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def fuse_option_set(spec: OverlaySpec, fuse_options: Sequence[str], debug: bool) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.update(("fsname=overlayfuse", "subtype=overlayfuse"))
+    opts.update(fuse_options)
+    if spec.readonly:
+        opts.add("ro")
+    if debug:
+        opts.add("debug")
+    return opts
+
+
+def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug: bool,
+          ready_fd: int | None) -> None:
+    """Mount and run the request loop in this process until unmounted or signalled."""
+    os.umask(0)  # the kernel already applied the caller's umask
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ovl = Overlay(spec, Config(as_root=os.geteuid() == 0))
+    ops = OverlayOperations(ovl)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
+    except RuntimeError as e:
+        ovl.close()
+        raise OverlayfuseError(f"cannot mount {mountpoint}: {e}") from None
+    try:
+        if ready_fd is not None:
+            os.write(ready_fd, _READY)
+            os.close(ready_fd)
+        trio.run(_main)
+    finally:
+        pyfuse3.close(unmount=True)
+        ovl.close()
+
+
+async def _main() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

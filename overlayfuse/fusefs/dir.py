@@ -1,0 +1,375 @@
+"""Namespace changes (dir.c): create, mkdir, mknod, symlink, link, unlink, rmdir, rename.
+
+Every change lands in the upper layer.  A name that still exists in a lower layer is hidden by
+a whiteout; a new directory over a whiteout is opaque; a renamed directory with lower parts
+carries a ``redirect`` to them (the kernel's ``redirect_dir=on``), so renames never fail with
+EXDEV.  Entries that replace a whiteout are built in ``work/`` and swapped in atomically.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from .. import format as fmt
+from .copy_up import copy_up, ensure_upper_dir, temp_name
+from .inodes import Node
+from .layers import join
+from .namei import _lstat, check_name, resolve
+from .overlay import Overlay
+from .readdir import is_empty
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+
+def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0) -> None:
+    if _libc.renameat2(src_dir, src, dst_dir, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Caller:
+    """Who asked: as root the new entry gets the caller's uid/gid (setgid dirs keep theirs)."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid, self.gid = uid, gid
+
+
+def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> None:
+    if not ovl.config.as_root:
+        return
+    gid = caller.gid
+    if os.fstat(parent_fd).st_mode & stat.S_ISGID:
+        gid = -1  # the backing filesystem already gave it the directory's group
+    os.chown(name, caller.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def lower_positive(ovl: Overlay, parent: Node, name: bytes) -> bool:
+    """Does ``name`` exist in a lower layer of ``parent``?  Then removing it needs a whiteout."""
+    if parent.opaque:
+        return False
+    for layer, path in parent.lower:
+        try:
+            dfd = ovl.dirfds.get(layer, path)
+        except OSError:
+            continue
+        st = _lstat(dfd, name)
+        if st is None:
+            if _lstat(dfd, fmt.WH_PREFIX + name) is not None:
+                return False
+            continue
+        return not (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dfd, name, st))
+    return False
+
+
+def _upper_is_whiteout(udir: int, name: bytes) -> bool:
+    st = _lstat(udir, name)
+    return st is not None and (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(udir, name, st))
+
+
+def _prepare_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
+    """Copy the parent up; say whether the new entry must be built in work/ (a whiteout sits
+    at its name) or can be made in place."""
+    check_name(name)
+    ovl.require_writable()
+    udir = ensure_upper_dir(ovl, parent)
+    return udir, _upper_is_whiteout(udir, name)
+
+
+def _install(ovl: Overlay, udir: int, name: bytes, tmp: bytes, is_dir: bool) -> None:
+    """Move a finished entry from work/ over the whiteout at ``name`` in one step."""
+    if is_dir:
+        renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
+        os.unlink(tmp, dir_fd=ovl.work_fd)  # the whiteout, now in work/
+    else:
+        os.rename(tmp, name, src_dir_fd=ovl.work_fd, dst_dir_fd=udir)
+
+
+def _finish_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    found = resolve(ovl, parent, name)
+    if found is None:
+        raise pyfuse3.FUSEError(errno.EIO)
+    fresh, st = found
+    node = ovl.table.bind(parent, name, fresh)
+    node.lookups += 1
+    return node, st
+
+
+def create(ovl: Overlay, parent: Node, name: bytes, mode: int, flags: int,
+           caller: Caller) -> tuple[Node, os.stat_result, int]:
+    udir, over_whiteout = _prepare_new(ovl, parent, name)
+    oflags = (flags & ~(os.O_TRUNC | getattr(os, "O_DIRECT", 0))) | os.O_CREAT | os.O_EXCL \
+        | os.O_NOFOLLOW | os.O_CLOEXEC
+    where, entry = (ovl.work_fd, temp_name()) if over_whiteout else (udir, name)
+    fd = os.open(entry, oflags, stat.S_IMODE(mode), dir_fd=where)
+    try:
+        _own(ovl, where, entry, udir, caller)
+        if over_whiteout:
+            _install(ovl, udir, name, entry, False)
+    except BaseException:
+        os.close(fd)
+        os.unlink(entry, dir_fd=where)
+        raise
+    node, st = _finish_new(ovl, parent, name)
+    return node, st, fd
+
+
+def mkdir(ovl: Overlay, parent: Node, name: bytes, mode: int, caller: Caller) -> tuple[Node, os.stat_result]:
+    udir, over_whiteout = _prepare_new(ovl, parent, name)
+    if not over_whiteout:
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=udir)
+        _own(ovl, udir, name, udir, caller)
+        return _finish_new(ovl, parent, name)
+    tmp = temp_name()
+    os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=ovl.work_fd)
+    try:
+        _own(ovl, ovl.work_fd, tmp, udir, caller)
+        # the lower dir of that name must not show through the new one
+        fmt.set_overlay_xattr(ovl.work_fd, tmp, ovl.prefix, b"opaque", b"y")
+        os.chmod(tmp, stat.S_IMODE(mode), dir_fd=ovl.work_fd)
+        _install(ovl, udir, name, tmp, True)
+    except BaseException:
+        _rmtree_at(ovl.work_fd, tmp)
+        raise
+    return _finish_new(ovl, parent, name)
+
+
+def _make_node_at(ovl: Overlay, parent: Node, name: bytes, make, caller: Caller) -> tuple[Node, os.stat_result]:
+    udir, over_whiteout = _prepare_new(ovl, parent, name)
+    where, entry = (ovl.work_fd, temp_name()) if over_whiteout else (udir, name)
+    make(entry, where)
+    try:
+        _own(ovl, where, entry, udir, caller)
+        if over_whiteout:
+            _install(ovl, udir, name, entry, False)
+    except BaseException:
+        os.unlink(entry, dir_fd=where)
+        raise
+    return _finish_new(ovl, parent, name)
+
+
+def mknod(ovl: Overlay, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, os.stat_result]:
+    return _make_node_at(ovl, parent, name,
+                         lambda entry, where: os.mknod(entry, mode, rdev, dir_fd=where), caller)
+
+
+def symlink(ovl: Overlay, parent: Node, name: bytes, target: bytes, caller: Caller) -> tuple[Node, os.stat_result]:
+    return _make_node_at(ovl, parent, name,
+                         lambda entry, where: os.symlink(target, entry, dir_fd=where), caller)
+
+
+def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    if node.is_dir:
+        raise pyfuse3.FUSEError(errno.EPERM)
+    udir, over_whiteout = _prepare_new(ovl, parent, name)
+    copy_up(ovl, node)
+    src_dir, src_name = ovl.upper_location(node)
+    if over_whiteout:
+        tmp = temp_name()
+        os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=ovl.work_fd, follow_symlinks=False)
+        _install(ovl, udir, name, tmp, False)
+    else:
+        os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=udir, follow_symlinks=False)
+    return _finish_new(ovl, parent, name)
+
+
+def _existing(ovl: Overlay, parent: Node, name: bytes) -> Node:
+    """The node the kernel holds for ``name`` (refreshed), or a fresh one reachable by name."""
+    found = resolve(ovl, parent, name)
+    if found is None:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    fresh = found[0]
+    known = ovl.table.child(parent, name)
+    if known is not None and known.ino == fresh.ino:
+        known.upper, known.lower, known.opaque, known.index = (
+            fresh.upper, fresh.lower, fresh.opaque, fresh.index)
+        return known
+    fresh.add_alias(parent, name)
+    return fresh
+
+
+def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
+    """Take ``name`` out of the merged tree: delete the upper entry and/or leave a whiteout."""
+    udir = ensure_upper_dir(ovl, parent)
+    need_whiteout = lower_positive(ovl, parent, name)
+    if node.upper:
+        if node.is_dir:
+            ovl.dirfds.forget_tree(0, join(parent.upath(), name))
+        tmp = temp_name()
+        if need_whiteout:
+            fmt.make_whiteout(ovl.work_fd, tmp)
+            renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
+        else:
+            os.rename(name, tmp, src_dir_fd=udir, dst_dir_fd=ovl.work_fd)
+        _rmtree_at(ovl.work_fd, tmp)
+    elif need_whiteout:
+        fmt.make_whiteout(udir, name)
+    gone = ovl.table.unbind(parent, name)
+    if gone is not None and gone.open_count and not gone.aliases:
+        gone.nlink_override = 0
+
+
+def unlink(ovl: Overlay, parent: Node, name: bytes) -> None:
+    ovl.require_writable()
+    node = _existing(ovl, parent, name)
+    if node.is_dir:
+        raise pyfuse3.FUSEError(errno.EISDIR)
+    _remove_entry(ovl, parent, name, node)
+
+
+def rmdir(ovl: Overlay, parent: Node, name: bytes) -> None:
+    ovl.require_writable()
+    node = _existing(ovl, parent, name)
+    if not node.is_dir:
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+    if not is_empty(ovl, node):
+        raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+    _remove_entry(ovl, parent, name, node)
+
+
+def _rmtree_at(dirfd: int, name: bytes) -> None:
+    """Remove a tree we moved into work/ (whiteouts and markers only), never following links."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+        return
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        for child in os.listdir(fd):
+            _rmtree_at(fd, os.fsencode(child))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def _clear_whiteouts(ovl: Overlay, node: Node) -> None:
+    """Empty an upper dir that is empty in the merged view (it holds only whiteouts), so it can
+    be replaced by rename; it keeps hiding the lower entries because it becomes opaque."""
+    fd = ovl.upper_dirfd(node)
+    for child in os.listdir(b"/proc/self/fd/%d" % fd):
+        _rmtree_at(fd, child)
+
+
+def _fix_moved_dir(ovl: Overlay, node: Node, new_parent: Node, new_name: bytes) -> None:
+    """A moved directory keeps its lower parts via a redirect; a pure upper one moved onto a
+    name that exists below must not merge with that: it becomes opaque."""
+    udir = ovl.upper_dirfd(new_parent)
+    if node.lower and not node.opaque:
+        fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"redirect", b"/" + node.lower[0][1])
+    elif not node.opaque and lower_positive(ovl, new_parent, new_name):
+        fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"opaque", b"y")
+        node.opaque = True
+
+
+def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+           flags: int) -> None:
+    ovl.require_writable()
+    check_name(new_name)
+    src = _existing(ovl, old_parent, old_name)
+    try:
+        dst = _existing(ovl, new_parent, new_name)
+    except pyfuse3.FUSEError:
+        dst = None
+    if flags & RENAME_EXCHANGE:
+        if dst is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return _exchange(ovl, old_parent, old_name, src, new_parent, new_name, dst)
+    if dst is not None:
+        if flags & RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if dst.ino == src.ino:
+            return  # the same name, or two names of one file: rename(2) does nothing
+        if src.is_dir and not dst.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if dst.is_dir and not src.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if dst.is_dir and not is_empty(ovl, dst):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+    if src.is_dir and _is_ancestor(src, new_parent):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    old_udir = ensure_upper_dir(ovl, old_parent)
+    new_udir = ensure_upper_dir(ovl, new_parent)
+    copy_up(ovl, src)
+    if src.is_dir:
+        ovl.dirfds.forget_tree(0, join(old_parent.upath(), old_name))
+    src_needs_whiteout = lower_positive(ovl, old_parent, old_name)
+    upper_dst = _lstat(new_udir, new_name)
+    if dst is not None and dst.is_dir and dst.upper:
+        _clear_whiteouts(ovl, dst)
+        ovl.dirfds.forget_tree(0, join(new_parent.upath(), new_name))
+    if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
+        # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout
+        renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
+        if not src_needs_whiteout:
+            os.unlink(old_name, dir_fd=old_udir)
+    else:
+        _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout)
+    gone = ovl.table.unbind(new_parent, new_name)
+    if gone is not None and gone is not src and gone.open_count and not gone.aliases:
+        gone.nlink_override = 0
+    ovl.table.unbind(old_parent, old_name)
+    if src.is_dir:
+        _fix_moved_dir(ovl, src, new_parent, new_name)
+    _rebind(ovl, new_parent, new_name, src)
+
+
+def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: bytes,
+                    whiteout: bool) -> None:
+    if not whiteout:
+        os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
+        return
+    try:
+        renameat2(old_udir, old_name, new_udir, new_name, RENAME_WHITEOUT)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
+        fmt.make_whiteout(old_udir, old_name)
+
+
+def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,
+              new_parent: Node, new_name: bytes, dst: Node) -> None:
+    if src.is_dir and _is_ancestor(src, new_parent) or dst.is_dir and _is_ancestor(dst, old_parent):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    old_udir = ensure_upper_dir(ovl, old_parent)
+    new_udir = ensure_upper_dir(ovl, new_parent)
+    copy_up(ovl, src)
+    copy_up(ovl, dst)
+    for parent, name, node in ((old_parent, old_name, src), (new_parent, new_name, dst)):
+        if node.is_dir:
+            ovl.dirfds.forget_tree(0, join(parent.upath(), name))
+    renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
+    ovl.table.unbind(old_parent, old_name)
+    ovl.table.unbind(new_parent, new_name)
+    for parent, name, node in ((new_parent, new_name, src), (old_parent, old_name, dst)):
+        if node.is_dir:
+            _fix_moved_dir(ovl, node, parent, name)
+        _rebind(ovl, parent, name, node)
+
+
+def _rebind(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
+    """Give a moved node its new name; one the kernel never looked up is not recorded."""
+    node.drop_alias(parent, name)
+    if ovl.table.find(node.ino) is node:
+        ovl.table.bind(parent, name, node)
+    else:
+        node.aliases = [(parent, name)]
+
+
+def _is_ancestor(node: Node, other: Node) -> bool:
+    """Is ``node`` ``other`` or one of its ancestors (moving a dir into itself is EINVAL)?"""
+    while True:
+        if other is node:
+            return True
+        if not other.aliases:
+            return False
+        other = other.aliases[0][0]

@@ -1,0 +1,121 @@
+"""Open files (file.c): handles on the backing file that holds the data right now.
+
+Opening for write copies up first.  A handle opened read-only on a lower file notices the
+copy-up on its next read and reopens the upper copy, so it sees the new data (the rpm
+database problem that mock's ``touch_rpmdb`` works around with the kernel's old overlayfs).
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+
+import pyfuse3
+import trio
+
+from .copy_up import copy_up
+from .inodes import Node
+from .overlay import Overlay
+
+_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+
+
+class FileHandle:
+    __slots__ = ("node", "fd", "flags", "source")
+
+    def __init__(self, node: Node, fd: int, flags: int, source: tuple) -> None:
+        self.node = node
+        self.fd = fd
+        self.flags = flags
+        self.source = source  # where fd points: (upper?, index name) at open time
+
+
+_handles: dict[int, FileHandle] = {}
+_next_fh = itertools.count(1)
+
+
+def _source(node: Node) -> tuple:
+    return (node.upper, node.index)
+
+
+def _register(ovl: Overlay, handle: FileHandle) -> int:
+    fh = next(_next_fh)
+    _handles[fh] = handle
+    handle.node.open_count += 1
+    ovl.handles_by_ino.setdefault(handle.node.ino, []).append(handle)
+    return fh
+
+
+def get_handle(fh: int) -> FileHandle:
+    try:
+        return _handles[fh]
+    except KeyError:
+        raise pyfuse3.FUSEError(errno.EBADF) from None
+
+
+def upper_handle_fd(ovl: Overlay, fh: int) -> int:
+    """The handle's fd if it points at the upper copy, else -1 (see attrs.setattr_node)."""
+    handle = _handles.get(fh)
+    if handle is None or not handle.source[0]:
+        return -1
+    return handle.fd
+
+
+def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
+    return pyfuse3.FileInfo(fh=fh, keep_cache=ovl.config.keep_cache)
+
+
+def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
+    dirfd, name = ovl.location(node)
+    return os.open(name, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
+    if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+        ovl.require_writable()
+        copy_up(ovl, node)
+    fd = open_backing(ovl, node, flags)
+    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
+
+
+def adopt_fd(ovl: Overlay, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
+    """A handle for an fd made by create()."""
+    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
+
+
+def _current_fd(ovl: Overlay, handle: FileHandle) -> int:
+    node = handle.node
+    if handle.source != _source(node) and node.aliases:
+        fd = open_backing(ovl, node, handle.flags & ~os.O_TRUNC)
+        os.close(handle.fd)
+        handle.fd, handle.source = fd, _source(node)
+    return handle.fd
+
+
+def read(ovl: Overlay, fh: int, off: int, size: int) -> bytes:
+    return os.pread(_current_fd(ovl, get_handle(fh)), size, off)
+
+
+def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
+    return os.pwrite(get_handle(fh).fd, buf, off)
+
+
+async def fsync(ovl: Overlay, fh: int, datasync: bool) -> None:
+    """Slow: run off the trio thread so other requests go on (PYFUSE3-FACTS)."""
+    fd = get_handle(fh).fd
+    await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+
+def release(ovl: Overlay, fh: int) -> None:
+    handle = _handles.pop(fh, None)
+    if handle is None:
+        return
+    os.close(handle.fd)
+    node = handle.node
+    node.open_count -= 1
+    same = ovl.handles_by_ino.get(node.ino)
+    if same is not None:
+        same.remove(handle)
+        if not same:
+            del ovl.handles_by_ino[node.ino]
+    ovl.table.maybe_drop(node)

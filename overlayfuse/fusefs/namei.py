@@ -1,0 +1,151 @@
+"""Lookup across layers: the first match from the top wins, as in the kernel's namei.c.
+
+A whiteout hides the name; a non-directory ends the search; directories merge downwards until
+an opaque one; a ``redirect`` on a renamed directory says where its lower part lives.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from .. import format as fmt
+from .inodes import Node
+from .layers import join, split
+from .overlay import Overlay
+
+NAME_MAX = 255
+
+
+def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
+    return fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dirfd, name, st)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+
+def resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
+    """The merged entry ``name`` in directory ``parent`` as a fresh (unbound) node and the stat
+    of the entry that defines its attributes, or None when it does not exist."""
+    check_name(name)
+    if name.startswith(fmt.WH_PREFIX):
+        # OCI markers are bookkeeping, never entries of the merged tree
+        if name == fmt.OPAQUE_MARKER or not parent.upper:
+            return None
+    top: os.stat_result | None = None
+    node: Node | None = None
+    lookup_name = name
+    abs_redirect: bytes | None = None
+    if parent.upper:
+        udir = ovl.upper_dirfd(parent)
+        st = _lstat(udir, name)
+        if st is not None:
+            if _is_whiteout(udir, name, st):
+                return None
+            marks = fmt.overlay_xattrs(udir, name)
+            ino = _saved_ino(marks)
+            if not stat.S_ISDIR(st.st_mode):
+                node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
+                node.upper = True
+                return node, st
+            top = st
+            node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFDIR)
+            node.upper = True
+            if fmt.opaque_in(marks):
+                node.opaque = True
+                return node, st
+            redirect = marks.get(b"redirect")
+            if redirect:
+                if redirect.startswith(b"/"):
+                    abs_redirect = redirect.strip(b"/")
+                else:
+                    lookup_name = redirect
+    parent_paths = dict(parent.lower)
+    stack: list[tuple[int, bytes]] = []
+    for li in ovl.lower_indexes:
+        if abs_redirect is not None:
+            dir_path, entry = split(abs_redirect)
+        else:
+            dir_path = parent_paths.get(li)
+            if dir_path is None:
+                continue
+            entry = lookup_name
+        try:
+            dfd = ovl.dirfds.get(li, dir_path)
+        except OSError:
+            continue
+        st = _lstat(dfd, entry)
+        if st is None:
+            if _lstat(dfd, fmt.WH_PREFIX + entry) is not None:
+                break  # OCI whiteout
+            continue
+        if _is_whiteout(dfd, entry, st):
+            break
+        if not stat.S_ISDIR(st.st_mode):
+            if top is None:
+                return _lower_nondir(ovl, li, join(dir_path, entry), st)
+            break  # a non-directory below a directory ends the merge
+        stack.append((li, join(dir_path, entry)))
+        if top is None:
+            top = st
+            node = Node(ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
+        marks = fmt.overlay_xattrs(dfd, entry)
+        if fmt.opaque_in(marks) or fmt.has_opaque_marker(dfd, entry):
+            break
+        redirect = marks.get(b"redirect")
+        if redirect:
+            if redirect.startswith(b"/"):
+                abs_redirect = redirect.strip(b"/")
+            elif abs_redirect is not None:
+                abs_redirect = join(split(abs_redirect)[0], redirect)
+            else:
+                lookup_name = redirect
+    if node is None:
+        return None
+    node.lower = stack
+    return node, top
+
+
+def _lower_nondir(ovl: Overlay, li: int, path: bytes, st: os.stat_result) -> tuple[Node, os.stat_result]:
+    node = Node(ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
+    node.lower = [(li, path)]
+    if st.st_nlink > 1 and ovl.index_fd >= 0:
+        # an earlier copy-up of another name of this inode holds the current data
+        index_name = b"%d" % node.ino
+        ist = _lstat(ovl.index_fd, index_name)
+        if ist is not None:
+            node.index = index_name
+            return node, ist
+    return node, st
+
+
+def _saved_ino(marks: dict[bytes, bytes]) -> int | None:
+    value = marks.get(fmt.INO_XATTR)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def lookup(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    """Resolve and register with the kernel (one lookup count); ENOENT when absent."""
+    found = resolve(ovl, parent, name)
+    if found is None:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    fresh, st = found
+    node = ovl.table.bind(parent, name, fresh)
+    node.lookups += 1
+    return node, st

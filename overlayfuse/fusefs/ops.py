@@ -1,0 +1,218 @@
+"""The pyfuse3 Operations class: a thin dispatcher over the modules that own each concern.
+
+Every handler goes through ``_errors``: an ``OSError`` becomes the same errno for the caller,
+anything else is logged and becomes EIO.  Nothing else may escape a handler, because pyfuse3
+ends the filesystem on any other exception and leaves a dead mount behind (PYFUSE3-FACTS).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from . import attrs, dir as dirops, file as fileops, readdir as readdirops, xattrs
+from .namei import lookup
+from .overlay import Overlay
+
+log = logging.getLogger(__name__)
+
+
+def _errors(handler):
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> dirops.Caller:
+    return dirops.Caller(ctx.uid, ctx.gid)
+
+
+class OverlayOperations(pyfuse3.Operations):
+    """The overlay as pyfuse3 sees it; ``ovl`` holds the state, the modules hold the rules."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, ovl: Overlay) -> None:
+        super().__init__()
+        self.ovl = ovl
+        self._dirs: dict[int, readdirops.DirHandle] = {}
+        self._next_dir = 1
+
+    # -- lookup and attributes -----------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        ovl = self.ovl
+        parent = ovl.table.get(parent_inode)
+        if name == b".":
+            node = parent
+            node.lookups += 1
+            return attrs.getattr_node(ovl, node)
+        if name == b"..":
+            node = parent.aliases[0][0] if parent.aliases else parent
+            node.lookups += 1
+            return attrs.getattr_node(ovl, node)
+        try:
+            node, st = lookup(ovl, parent, name)
+        except pyfuse3.FUSEError as e:
+            if e.errno == errno.ENOENT:
+                return attrs.negative_entry(ovl)
+            raise
+        return attrs.entry_attributes(ovl, node, st)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            self.ovl.table.forget(ino, count)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return attrs.getattr_node(self.ovl, self.ovl.table.get(inode))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return attrs.setattr_node(self.ovl, self.ovl.table.get(inode), attr, fields, fh)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        dirfd, name = self.ovl.location(self.ovl.table.get(inode))
+        return os.readlink(name, dir_fd=dirfd)
+
+    @_errors
+    async def access(self, inode, mode, ctx):
+        return True  # default_permissions: the kernel checks before asking
+
+    @_errors
+    async def statfs(self, ctx):
+        top = self.ovl.layers[0]
+        st = os.statvfs(b"/proc/self/fd/%d" % top.root_fd)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail"):
+            setattr(data, field, getattr(st, field))
+        data.f_namemax = 255
+        return data
+
+    # -- namespace -------------------------------------------------------------------------
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node, st = dirops.mkdir(self.ovl, self.ovl.table.get(parent_inode), name, mode, _caller(ctx))
+        return attrs.entry_attributes(self.ovl, node, st)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node, st = dirops.mknod(self.ovl, self.ovl.table.get(parent_inode), name, mode, rdev,
+                                _caller(ctx))
+        return attrs.entry_attributes(self.ovl, node, st)
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        node, st = dirops.symlink(self.ovl, self.ovl.table.get(parent_inode), name, target,
+                                  _caller(ctx))
+        return attrs.entry_attributes(self.ovl, node, st)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        table = self.ovl.table
+        node, st = dirops.link(self.ovl, table.get(inode), table.get(new_parent_inode), new_name)
+        return attrs.entry_attributes(self.ovl, node, st)
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        dirops.unlink(self.ovl, self.ovl.table.get(parent_inode), name)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        dirops.rmdir(self.ovl, self.ovl.table.get(parent_inode), name)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        table = self.ovl.table
+        dirops.rename(self.ovl, table.get(parent_inode_old), name_old,
+                      table.get(parent_inode_new), name_new, flags)
+
+    # -- files -----------------------------------------------------------------------------
+    @_errors
+    async def open(self, inode, flags, ctx):
+        return fileops.open_node(self.ovl, self.ovl.table.get(inode), flags)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node, st, fd = dirops.create(self.ovl, self.ovl.table.get(parent_inode), name, mode,
+                                     flags, _caller(ctx))
+        return fileops.adopt_fd(self.ovl, node, fd, flags), attrs.entry_attributes(self.ovl, node, st)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return fileops.read(self.ovl, fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return fileops.write(self.ovl, fh, off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        return None
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await fileops.fsync(self.ovl, fh, datasync)
+
+    @_errors
+    async def release(self, fh):
+        fileops.release(self.ovl, fh)
+
+    # -- directories -----------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode, ctx):
+        node = self.ovl.table.get(inode)
+        readdirops.check_dir(node)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = readdirops.DirHandle(node)
+        node.open_count += 1
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        readdirops.readdir(self.ovl, self._dirs[fh], start_id, token)
+
+    @_errors
+    async def releasedir(self, fh):
+        handle = self._dirs.pop(fh, None)
+        if handle is not None:
+            handle.node.open_count -= 1
+            self.ovl.table.maybe_drop(handle.node)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # -- xattrs ----------------------------------------------------------------------------
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return xattrs.getxattr(self.ovl, self.ovl.table.get(inode), name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return xattrs.listxattr(self.ovl, self.ovl.table.get(inode))
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        xattrs.setxattr(self.ovl, self.ovl.table.get(inode), name, value)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        xattrs.removexattr(self.ovl, self.ovl.table.get(inode), name)
+

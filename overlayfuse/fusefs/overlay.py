@@ -1,0 +1,148 @@
+"""The state of one mounted overlay: layers, inode table, work dir and the helpers all ops share."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+
+from .. import format as fmt
+from ..spec import OverlaySpec
+from .inodes import ROOT, InodeTable, Node
+from .layers import DirFds, Layer, join, open_layers, split
+
+WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
+INDEX_SUBDIR = b"ovf-index"    # hard-link index: one name per copied-up multiply-linked file
+
+
+@dataclass
+class Config:
+    """Knobs of the daemon; the cache timeouts are the main speed lever (PYFUSE3-FACTS)."""
+
+    entry_timeout: float = 86400.0
+    attr_timeout: float = 86400.0
+    keep_cache: bool = True
+    as_root: bool = False
+
+
+class Overlay:
+    """Everything the operation modules need about one mount, passed to them as ``ovl``."""
+
+    def __init__(self, spec: OverlaySpec, config: Config) -> None:
+        self.spec = spec
+        self.config = config
+        self.layers: list[Layer] = open_layers(spec.upperdir, spec.lowerdirs)
+        self.upper: Layer | None = self.layers[0] if spec.upperdir else None
+        self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
+        self.dirfds = DirFds(self.layers)
+        self.prefix = fmt.default_prefix()
+        devs: list[int] = []
+        for layer in self.layers:
+            if layer.dev not in devs:
+                devs.append(layer.dev)
+        self._fs_index = {layer.index: devs.index(layer.dev) for layer in self.layers}
+        self._xino = len(devs) > 1
+        self.work_fd = -1
+        self.index_fd = -1
+        if spec.workdir:
+            self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
+        self.handles_by_ino: dict[int, list] = {}
+        root = Node(ROOT, stat.S_IFDIR)
+        root.upper = self.upper is not None
+        root.lower = [(i, b"") for i in self.lower_indexes]
+        if self.upper is not None and fmt.is_opaque(self.upper.root_fd, b""):
+            root.lower = []
+        self.table = InodeTable(root)
+
+    # -- inode numbers -------------------------------------------------------------------
+    def encode_ino(self, layer: int, real_ino: int) -> int:
+        """The overlay inode number of a real inode: unique across layers on several devices
+        (the kernel's xino idea: the filesystem's index in the high bits)."""
+        ino = real_ino | (self._fs_index[layer] << 58) if self._xino else real_ino
+        if ino <= ROOT:
+            ino |= 1 << 63
+        return ino
+
+    # -- backing locations -----------------------------------------------------------------
+    def upper_dirfd(self, node: Node) -> int:
+        """fd of the node's own directory in the upper layer (the node must be an upper dir)."""
+        return self.dirfds.get(0, node.upath())
+
+    def upper_location(self, node: Node) -> tuple[int, bytes]:
+        """(parent dir fd, name) of the node's entry in the upper layer."""
+        parent, name = node.parent_and_name()
+        return self.upper_dirfd(parent), name
+
+    def lower_location(self, node: Node) -> tuple[int, bytes]:
+        layer, path = node.lower[0]
+        head, tail = split(path)
+        return self.dirfds.get(layer, head), tail
+
+    def location(self, node: Node) -> tuple[int, bytes]:
+        """(dir fd, name) of the entry that currently holds the node's data and attributes."""
+        if node.upper:
+            if node.ino == ROOT:
+                return self.upper.root_fd, b""
+            return self.upper_location(node)
+        if node.index is not None:
+            return self.index_fd, node.index
+        if node.ino == ROOT:
+            return self.layers[node.lower[0][0]].root_fd, b""
+        return self.lower_location(node)
+
+    def lstat(self, node: Node) -> os.stat_result:
+        dirfd, name = self.location(node)
+        if not name:
+            return os.fstat(dirfd)
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def require_writable(self) -> None:
+        if self.upper is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    def close(self) -> None:
+        self.dirfds.close()
+        for layer in self.layers:
+            os.close(layer.root_fd)
+        for fd in (self.work_fd, self.index_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _prepare_workdir(workdir: str) -> tuple[int, int]:
+    """Open (creating) work/ and the hard-link index; empty work/ of a crashed mount's temps."""
+    root = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fds = []
+        for sub in (WORK_SUBDIR, INDEX_SUBDIR):
+            try:
+                os.mkdir(sub, 0o700, dir_fd=root)
+            except FileExistsError:
+                pass
+            fds.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=root))
+        _clean_tree(fds[0])
+        return fds[0], fds[1]
+    finally:
+        os.close(root)
+
+
+def _clean_tree(dirfd: int) -> None:
+    """Remove everything inside dirfd (left-overs of an interrupted copy-up), never following."""
+    for name in os.listdir(dirfd):
+        try:
+            os.unlink(name, dir_fd=dirfd)
+        except IsADirectoryError:
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
+            try:
+                _clean_tree(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=dirfd)
+        except PermissionError:
+            os.rmdir(name, dir_fd=dirfd)
+
+
+__all__ = ["Config", "Overlay", "WORK_SUBDIR", "INDEX_SUBDIR", "join", "split"]

@@ -1,0 +1,115 @@
+"""Merged directory listings (readdir.c): the union of the layers, markers never shown.
+
+A listing is read once per open directory (and again on rewind), so offsets stay stable while
+the directory is open.  pyfuse3 always answers with READDIRPLUS, so every entry is looked up
+the way ``lookup`` would: ``d_type`` and inode numbers agree with ``stat`` by construction.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from .. import format as fmt
+from .attrs import entry_attributes, getattr_node
+from .inodes import Node
+from .layers import openat2_beneath
+from .namei import resolve
+from .overlay import Overlay
+
+
+def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
+    """Names visible in directory ``node``, upper first then each lower, deduplicated."""
+    sources: list[tuple[int, bytes]] = []
+    if node.upper:
+        sources.append((0, node.upath()))
+    if not node.opaque:
+        sources.extend(node.lower)
+    seen: set[bytes] = set()
+    hidden: set[bytes] = set()
+    names: list[bytes] = []
+    for layer, path in sources:
+        is_lower = layer != 0 or ovl.upper is None
+        try:
+            fd = openat2_beneath(ovl.layers[layer].root_fd, path or b".",
+                                 os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            xattr_whiteouts = fmt.get_overlay_xattr(fd, b"", b"opaque") == b"x"
+            with os.scandir(fd) as it:
+                for entry in it:
+                    name = os.fsencode(entry.name)
+                    if name in seen or name in hidden:
+                        continue
+                    if name.startswith(fmt.WH_PREFIX) and is_lower:
+                        if name != fmt.OPAQUE_MARKER:
+                            hidden.add(name[len(fmt.WH_PREFIX):])
+                        continue
+                    if _is_whiteout_entry(fd, name, entry, xattr_whiteouts):
+                        hidden.add(name)
+                        continue
+                    seen.add(name)
+                    names.append(name)
+        finally:
+            os.close(fd)
+    return names
+
+
+def _is_whiteout_entry(fd: int, name: bytes, entry: os.DirEntry, xattr_whiteouts: bool) -> bool:
+    if entry.is_dir(follow_symlinks=False) or entry.is_symlink():
+        return False
+    if entry.is_file(follow_symlinks=False):
+        if not xattr_whiteouts:
+            return False
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        return fmt.is_xattr_whiteout(fd, name, st)
+    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    return fmt.is_whiteout_stat(st)
+
+
+def is_empty(ovl: Overlay, node: Node) -> bool:
+    """rmdir's question, answered on the merged view: whiteouts and markers don't count."""
+    return not merged_names(ovl, node)
+
+
+class DirHandle:
+    """One open directory: the listing taken at open (or rewind), so offsets stay stable."""
+
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.names: list[bytes] | None = None
+
+
+def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    node = handle.node
+    if handle.names is None or start_id == 0:
+        handle.names = [b".", b".."] + merged_names(ovl, node)
+    names = handle.names
+    for i in range(start_id, len(names)):
+        name = names[i]
+        if name == b"." or name == b"..":
+            # the kernel takes no lookup reference for these two
+            target = node if name == b"." or not node.aliases else node.aliases[0][0]
+            attr = getattr_node(ovl, target)
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            continue
+        found = resolve(ovl, node, name)
+        if found is None:
+            continue
+        fresh, st = found
+        attr = entry_attributes(ovl, fresh, st)
+        if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+            return
+        bound = ovl.table.bind(node, name, fresh)
+        bound.lookups += 1
+
+
+def check_dir(node: Node) -> None:
+    if not stat.S_ISDIR(node.kind):
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
