@@ -7,6 +7,7 @@ import stat
 
 import pyfuse3
 
+from . import index
 from .copy_up import copy_up
 from .inodes import ROOT, Node
 from .overlay import Overlay
@@ -25,7 +26,7 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     elif node.nlink_override is not None:
         attr.st_nlink = node.nlink_override
     elif node.index is not None:
-        attr.st_nlink = max(st.st_nlink - 1, lower_nlink(ovl, node))
+        attr.st_nlink = index.nlink(ovl, node) or st.st_nlink
     else:
         attr.st_nlink = st.st_nlink
     attr.st_uid = st.st_uid
@@ -38,16 +39,6 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     attr.st_mtime_ns = st.st_mtime_ns
     attr.st_ctime_ns = st.st_ctime_ns
     return attr
-
-
-def lower_nlink(ovl: Overlay, node: Node) -> int:
-    if not node.lower:
-        return 0
-    dirfd, name = ovl.lower_location(node)
-    try:
-        return os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_nlink
-    except OSError:
-        return 0
 
 
 def negative_entry(ovl: Overlay) -> pyfuse3.EntryAttributes:

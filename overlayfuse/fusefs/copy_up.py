@@ -16,6 +16,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
+from . import index
 from .inodes import Node
 from .overlay import Overlay
 
@@ -45,8 +46,12 @@ def _copy_up_one(ovl: Overlay, node: Node) -> None:
     parent, name = node.parent_and_name()
     udir = ovl.upper_dirfd(parent)
     if node.index is not None:
-        os.link(node.index, name, src_dir_fd=ovl.index_fd, dst_dir_fd=udir, follow_symlinks=False)
-        node.upper, node.index = True, None
+        try:
+            os.link(node.index, name, src_dir_fd=ovl.index_fd, dst_dir_fd=udir,
+                    follow_symlinks=False)
+        except FileExistsError:
+            pass  # this name was copied up already (another alias of the inode)
+        node.upper = True
         return
     src_dir, src_name = ovl.lower_location(node)
     st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
@@ -62,8 +67,8 @@ def _copy_up_one(ovl: Overlay, node: Node) -> None:
         else:
             os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
         copy_metadata(ovl, src_dir, src_name, work, tmp, st, node.ino)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            _link_into_index(ovl, tmp, node)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ovl.index_fd >= 0:
+            index.add(ovl, tmp, node, st.st_nlink)
         os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=udir)
     except BaseException:
         _remove_temp(work, tmp)
@@ -144,17 +149,6 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENODATA):
                 raise
             log.debug("xattr %r not copied up: %s", battr, e)
-
-
-def _link_into_index(ovl: Overlay, tmp: bytes, node: Node) -> None:
-    index_name = b"%d" % node.ino
-    try:
-        os.link(tmp, index_name, src_dir_fd=ovl.work_fd, dst_dir_fd=ovl.index_fd,
-                follow_symlinks=False)
-    except FileExistsError:
-        os.unlink(index_name, dir_fd=ovl.index_fd)  # stale: from a mount over other lowers
-        os.link(tmp, index_name, src_dir_fd=ovl.work_fd, dst_dir_fd=ovl.index_fd,
-                follow_symlinks=False)
 
 
 def _remove_temp(work: int, tmp: bytes) -> None:

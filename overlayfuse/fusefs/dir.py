@@ -15,6 +15,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
+from . import index
 from .copy_up import copy_up, ensure_upper_dir, temp_name
 from .inodes import Node
 from .layers import join
@@ -176,6 +177,7 @@ def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.
         _install(ovl, udir, name, tmp, False)
     else:
         os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=udir, follow_symlinks=False)
+    index.adjust(ovl, node, +1)
     return _finish_new(ovl, parent, name)
 
 
@@ -210,6 +212,7 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
         _rmtree_at(ovl.work_fd, tmp)
     elif need_whiteout:
         fmt.make_whiteout(udir, name)
+    index.adjust(ovl, node, -1)
     gone = ovl.table.unbind(parent, name)
     if gone is not None and gone.open_count and not gone.aliases:
         gone.nlink_override = 0
@@ -313,6 +316,8 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
             os.unlink(old_name, dir_fd=old_udir)
     else:
         _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout)
+    if dst is not None:
+        index.adjust(ovl, dst, -1)
     gone = ovl.table.unbind(new_parent, new_name)
     if gone is not None and gone is not src and gone.open_count and not gone.aliases:
         gone.nlink_override = 0

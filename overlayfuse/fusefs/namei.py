@@ -12,6 +12,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
+from . import index
 from .inodes import Node
 from .layers import join, split
 from .overlay import Overlay
@@ -58,6 +59,8 @@ def resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_resu
             if not stat.S_ISDIR(st.st_mode):
                 node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
                 node.upper = True
+                if ino and st.st_nlink > 1 and index.lookup(ovl, ino, st) is not None:
+                    node.index = index.name_of(node)
                 return node, st
             top = st
             node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFDIR)
@@ -120,12 +123,11 @@ def resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_resu
 def _lower_nondir(ovl: Overlay, li: int, path: bytes, st: os.stat_result) -> tuple[Node, os.stat_result]:
     node = Node(ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
     node.lower = [(li, path)]
-    if st.st_nlink > 1 and ovl.index_fd >= 0:
+    if st.st_nlink > 1:
         # an earlier copy-up of another name of this inode holds the current data
-        index_name = b"%d" % node.ino
-        ist = _lstat(ovl.index_fd, index_name)
+        ist = index.lookup(ovl, node.ino)
         if ist is not None:
-            node.index = index_name
+            node.index = index.name_of(node)
             return node, ist
     return node, st
 
