@@ -56,6 +56,7 @@ def getattr_node(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
         st = ovl.lstat(node)
     except FileNotFoundError:
         return _getattr_unlinked(ovl, node)
+    node.st = st
     return entry_attributes(ovl, node, st)
 
 
@@ -79,6 +80,7 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     """
     from .file import upper_handle_fd  # file.py imports this module for attributes
     ovl.require_writable()
+    ovl.changed(node)
     fd = upper_handle_fd(ovl, fh) if fh is not None else -1
     if fd < 0:
         copy_up(ovl, node)
@@ -109,7 +111,7 @@ def _setattr_path(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
         # the upper root itself: reach it through its held fd (a directory, never a symlink)
         dirfd, name, follow = None, b"/proc/self/fd/%d" % ovl.upper.root_fd, True
     else:
-        dirfd, name = ovl.upper_location(node)
+        dirfd, name = ovl.location(node)
         follow = False
     if fields.update_size:
         wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)

@@ -30,8 +30,12 @@ def temp_name() -> bytes:
 
 
 def copy_up(ovl: Overlay, node: Node) -> None:
-    """Ensure ``node`` exists in the upper layer, its ancestors first."""
-    if node.upper:
+    """Make ``node``'s data and attributes writable in the upper layer, its ancestors first.
+
+    An indexed inode (see index.py) needs nothing: its index file is already the upper copy
+    that every name shares.
+    """
+    if node.upper or node.index is not None:
         return
     ovl.require_writable()
     chain = []
@@ -39,20 +43,26 @@ def copy_up(ovl: Overlay, node: Node) -> None:
         chain.append(node)
         node = node.parent_and_name()[0]
     for item in reversed(chain):
-        _copy_up_one(ovl, item)
+        _copy_up_one(ovl, item, *item.parent_and_name())
 
 
-def _copy_up_one(ovl: Overlay, node: Node) -> None:
-    parent, name = node.parent_and_name()
-    udir = ovl.upper_dirfd(parent)
+def copy_up_name(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
+    """Namespace changes (rename) need this very name in the upper, not just the inode."""
+    copy_up(ovl, parent)
     if node.index is not None:
         try:
-            os.link(node.index, name, src_dir_fd=ovl.index_fd, dst_dir_fd=udir,
-                    follow_symlinks=False)
+            os.link(node.index, name, src_dir_fd=ovl.index_fd,
+                    dst_dir_fd=ovl.upper_dirfd(parent), follow_symlinks=False)
         except FileExistsError:
-            pass  # this name was copied up already (another alias of the inode)
-        node.upper = True
+            pass  # this name is in the upper already
         return
+    if not node.upper:
+        _copy_up_one(ovl, node, parent, name)
+
+
+def _copy_up_one(ovl: Overlay, node: Node, parent: Node, name: bytes) -> None:
+    ovl.changed(node, parent)
+    udir = ovl.upper_dirfd(parent)
     src_dir, src_name = ovl.lower_location(node)
     st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
     tmp = temp_name()
@@ -71,6 +81,7 @@ def _copy_up_one(ovl: Overlay, node: Node) -> None:
             index.add(ovl, tmp, node, st.st_nlink)
         os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=udir)
     except BaseException:
+        node.index = None
         _remove_temp(work, tmp)
         raise
     node.upper = True

@@ -16,7 +16,7 @@ import pyfuse3
 
 from .. import format as fmt
 from . import index
-from .copy_up import copy_up, ensure_upper_dir, temp_name
+from .copy_up import copy_up, copy_up_name, ensure_upper_dir, temp_name
 from .inodes import Node
 from .layers import join
 from .namei import _lstat, check_name, resolve
@@ -79,6 +79,7 @@ def _prepare_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
     at its name) or can be made in place."""
     check_name(name)
     ovl.require_writable()
+    ovl.changed(parent, listing=True)
     udir = ensure_upper_dir(ovl, parent)
     return udir, _upper_is_whiteout(udir, name)
 
@@ -169,8 +170,9 @@ def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.
     if node.is_dir:
         raise pyfuse3.FUSEError(errno.EPERM)
     udir, over_whiteout = _prepare_new(ovl, parent, name)
+    ovl.changed(node)
     copy_up(ovl, node)
-    src_dir, src_name = ovl.upper_location(node)
+    src_dir, src_name = ovl.location(node)
     if over_whiteout:
         tmp = temp_name()
         os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=ovl.work_fd, follow_symlinks=False)
@@ -198,9 +200,11 @@ def _existing(ovl: Overlay, parent: Node, name: bytes) -> Node:
 
 def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     """Take ``name`` out of the merged tree: delete the upper entry and/or leave a whiteout."""
+    ovl.changed(parent, listing=True)
+    ovl.changed(node, listing=True)
     udir = ensure_upper_dir(ovl, parent)
     need_whiteout = lower_positive(ovl, parent, name)
-    if node.upper:
+    if _lstat(udir, name) is not None:  # this name, not the inode: hard links differ
         if node.is_dir:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))
         tmp = temp_name()
@@ -299,9 +303,12 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
     if src.is_dir and _is_ancestor(src, new_parent):
         raise pyfuse3.FUSEError(errno.EINVAL)
+    ovl.changed(old_parent, new_parent, src, listing=True)
+    if dst is not None:
+        ovl.changed(dst, listing=True)
     old_udir = ensure_upper_dir(ovl, old_parent)
     new_udir = ensure_upper_dir(ovl, new_parent)
-    copy_up(ovl, src)
+    copy_up_name(ovl, old_parent, old_name, src)
     if src.is_dir:
         ovl.dirfds.forget_tree(0, join(old_parent.upath(), old_name))
     src_needs_whiteout = lower_positive(ovl, old_parent, old_name)
@@ -345,10 +352,11 @@ def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,
               new_parent: Node, new_name: bytes, dst: Node) -> None:
     if src.is_dir and _is_ancestor(src, new_parent) or dst.is_dir and _is_ancestor(dst, old_parent):
         raise pyfuse3.FUSEError(errno.EINVAL)
+    ovl.changed(old_parent, new_parent, src, dst, listing=True)
     old_udir = ensure_upper_dir(ovl, old_parent)
     new_udir = ensure_upper_dir(ovl, new_parent)
-    copy_up(ovl, src)
-    copy_up(ovl, dst)
+    copy_up_name(ovl, old_parent, old_name, src)
+    copy_up_name(ovl, new_parent, new_name, dst)
     for parent, name, node in ((old_parent, old_name, src), (new_parent, new_name, dst)):
         if node.is_dir:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))

@@ -97,7 +97,9 @@ def read(ovl: Overlay, fh: int, off: int, size: int) -> bytes:
 
 
 def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
-    return os.pwrite(get_handle(fh).fd, buf, off)
+    handle = get_handle(fh)
+    handle.node.st = None
+    return os.pwrite(handle.fd, buf, off)
 
 
 async def fsync(ovl: Overlay, fh: int, datasync: bool) -> None:

@@ -58,6 +58,7 @@ def adjust(ovl: Overlay, node: Node, delta: int) -> None:
     """A name of an indexed inode was added or removed through the overlay."""
     if node.index is None:
         return
+    ovl.changed(node)
     count = nlink(ovl, node)
     if count is None:
         return

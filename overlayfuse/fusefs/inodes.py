@@ -27,7 +27,7 @@ class Node:
     """
 
     __slots__ = ("ino", "kind", "aliases", "lookups", "upper", "lower", "opaque", "index",
-                 "open_count", "nlink_override")
+                 "open_count", "nlink_override", "st")
 
     def __init__(self, ino: int, kind: int) -> None:
         self.ino = ino
@@ -40,6 +40,8 @@ class Node:
         self.index: bytes | None = None  # name in the hard-link index holding the data
         self.open_count = 0
         self.nlink_override: int | None = None
+        # the last stat of the defining entry; readdir answers from it (see Overlay.changed)
+        self.st = None
 
     @property
     def is_dir(self) -> bool:
@@ -111,8 +113,8 @@ class InodeTable:
             node = fresh
             self._nodes[node.ino] = node
         else:
-            node.upper, node.lower, node.opaque, node.index = (
-                fresh.upper, fresh.lower, fresh.opaque, fresh.index)
+            node.upper, node.lower, node.opaque, node.index, node.st = (
+                fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
             node.nlink_override = None
         old = self._children.get((parent.ino, name))
         if old is not None and old is not node:

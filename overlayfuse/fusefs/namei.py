@@ -39,6 +39,13 @@ def check_name(name: bytes) -> None:
 def resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
     """The merged entry ``name`` in directory ``parent`` as a fresh (unbound) node and the stat
     of the entry that defines its attributes, or None when it does not exist."""
+    found = _resolve(ovl, parent, name)
+    if found is not None:
+        found[0].st = found[1]
+    return found
+
+
+def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
     check_name(name)
     if name.startswith(fmt.WH_PREFIX):
         # OCI markers are bookkeeping, never entries of the merged tree

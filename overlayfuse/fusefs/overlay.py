@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
@@ -49,12 +50,47 @@ class Overlay:
         if spec.workdir:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}
+        self._listings: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._listed_names = 0
         root = Node(ROOT, stat.S_IFDIR)
         root.upper = self.upper is not None
         root.lower = [(i, b"") for i in self.lower_indexes]
         if self.upper is not None and fmt.is_opaque(self.upper.root_fd, b""):
             root.lower = []
         self.table = InodeTable(root)
+
+    # -- daemon-side caches -----------------------------------------------------------------
+    # Only this daemon changes the layers while mounted (changing them underneath is undefined
+    # for the kernel's overlayfs too), so what it read stays true until it changes it itself.
+    LISTING_BUDGET = 200_000  # names kept across all cached listings
+
+    def changed(self, *nodes: Node, listing: bool = False) -> None:
+        """Forget cached attributes (and with ``listing``, the merged listing) of ``nodes``."""
+        for node in nodes:
+            node.st = None
+            if listing:
+                self._drop_listing(node.ino)
+
+    def _drop_listing(self, ino: int) -> None:
+        names = self._listings.pop(ino, None)
+        if names is not None:
+            self._listed_names -= len(names)
+
+    def cached_listing(self, node: Node) -> list[bytes] | None:
+        names = self._listings.get(node.ino)
+        if names is not None:
+            self._listings.move_to_end(node.ino)
+        return names
+
+    def cache_listing(self, node: Node, names: list[bytes]) -> None:
+        if len(names) > self.LISTING_BUDGET // 4:
+            return
+        self._drop_listing(node.ino)
+        self._listings[node.ino] = names
+        self._listed_names += len(names)
+        while self._listed_names > self.LISTING_BUDGET:
+            _, old = self._listings.popitem(last=False)
+            self._listed_names -= len(old)
 
     # -- inode numbers -------------------------------------------------------------------
     def encode_ino(self, layer: int, real_ino: int) -> int:
@@ -81,13 +117,16 @@ class Overlay:
         return self.dirfds.get(layer, head), tail
 
     def location(self, node: Node) -> tuple[int, bytes]:
-        """(dir fd, name) of the entry that currently holds the node's data and attributes."""
+        """(dir fd, name) of the entry that currently holds the node's data and attributes.
+
+        A hard-linked inode lives in its index file, whichever of its names the kernel used.
+        """
+        if node.index is not None:
+            return self.index_fd, node.index
         if node.upper:
             if node.ino == ROOT:
                 return self.upper.root_fd, b""
             return self.upper_location(node)
-        if node.index is not None:
-            return self.index_fd, node.index
         if node.ino == ROOT:
             return self.layers[node.lower[0][0]].root_fd, b""
         return self.lower_location(node)

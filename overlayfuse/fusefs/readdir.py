@@ -88,7 +88,11 @@ class DirHandle:
 def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
     node = handle.node
     if handle.names is None or start_id == 0:
-        handle.names = [b".", b".."] + merged_names(ovl, node)
+        names = ovl.cached_listing(node)
+        if names is None:
+            names = [b".", b".."] + merged_names(ovl, node)
+            ovl.cache_listing(node, names)
+        handle.names = names
     names = handle.names
     for i in range(start_id, len(names)):
         name = names[i]
@@ -98,6 +102,13 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             attr = getattr_node(ovl, target)
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
+            continue
+        known = ovl.table.child(node, name)
+        if known is not None and known.st is not None:
+            # the daemon's own record: nothing changed it since it was read
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, known, known.st), i + 1):
+                return
+            known.lookups += 1
             continue
         found = resolve(ovl, node, name)
         if found is None:

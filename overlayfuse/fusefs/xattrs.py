@@ -48,6 +48,7 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
     _refuse_private(name)
     ovl.require_writable()
     copy_up(ovl, node)
+    ovl.changed(node)
     path, follow = _target(ovl, node)
     os.setxattr(path, name, value, follow_symlinks=follow)
 
@@ -56,6 +57,7 @@ def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
     _refuse_private(name)
     ovl.require_writable()
     copy_up(ovl, node)
+    ovl.changed(node)
     path, follow = _target(ovl, node)
     try:
         os.removexattr(path, name, follow_symlinks=follow)
