@@ -14,6 +14,7 @@ import os
 import stat
 
 import pyfuse3
+import trio
 
 from .. import format as fmt
 from . import index
@@ -23,6 +24,7 @@ from .overlay import Overlay
 log = logging.getLogger(__name__)
 _tmp_names = itertools.count()
 _COPY_CHUNK = 64 << 20
+LARGE_COPY = 4 << 20  # bigger copies run in a worker thread
 
 
 def temp_name() -> bytes:
@@ -61,45 +63,93 @@ def copy_up_name(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
 
 
 def _copy_up_one(ovl: Overlay, node: Node, parent: Node, name: bytes) -> None:
-    ovl.changed(node, parent)
-    udir = ovl.upper_dirfd(parent)
-    src_dir, src_name = ovl.lower_location(node)
-    st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
-    tmp = temp_name()
-    work = ovl.work_fd
-    try:
+    job = _CopyJob(ovl, node, parent, name)
+    with job:
+        job.copy_data()
+        job.finish()
+
+
+class _CopyJob:
+    """One entry's copy-up, in three steps so the data copy can run off the trio thread:
+    begin (in __init__: the temp entry in work/ and, for files, both fds), ``copy_data`` (fds
+    only: safe in a worker thread), ``finish`` (metadata, index, rename into place).  Leaving
+    the ``with`` block without ``finish`` removes the temp entry: the upper is untouched."""
+
+    def __init__(self, ovl: Overlay, node: Node, parent: Node, name: bytes) -> None:
+        ovl.changed(node, parent)
+        self.ovl, self.node, self.parent, self.name = ovl, node, parent, name
+        self.src_dir, self.src_name = ovl.lower_location(node)
+        self.st = st = os.stat(self.src_name, dir_fd=self.src_dir, follow_symlinks=False)
+        self.tmp = temp_name()
+        self.src = self.dst = -1
+        self.done = False
+        work = ovl.work_fd
         if stat.S_ISREG(st.st_mode):
-            _copy_file(ovl, src_dir, src_name, tmp, st)
+            self.src = os.open(self.src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=self.src_dir)
+            self.dst = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600, dir_fd=work)
         elif stat.S_ISDIR(st.st_mode):
-            os.mkdir(tmp, 0o700, dir_fd=work)
+            os.mkdir(self.tmp, 0o700, dir_fd=work)
         elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(src_name, dir_fd=src_dir), tmp, dir_fd=work)
+            os.symlink(os.readlink(self.src_name, dir_fd=self.src_dir), self.tmp, dir_fd=work)
         else:
-            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
-        copy_metadata(ovl, src_dir, src_name, work, tmp, st, node.ino)
+            os.mknod(self.tmp, st.st_mode, st.st_rdev, dir_fd=work)
+
+    @property
+    def large(self) -> bool:
+        return self.src >= 0 and self.st.st_size >= LARGE_COPY
+
+    def copy_data(self) -> None:
+        if self.src < 0:
+            return
+        copy_data(self.src, self.dst, self.st.st_size)
+        if not self.ovl.spec.volatile:
+            os.fsync(self.dst)  # as the kernel: the copy is durable before it replaces the lower
+
+    def finish(self) -> None:
+        ovl, node, st, work = self.ovl, self.node, self.st, self.ovl.work_fd
+        copy_metadata(ovl, self.src_dir, self.src_name, work, self.tmp, st, node.ino)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ovl.index_fd >= 0:
-            index.add(ovl, tmp, node, st.st_nlink)
-        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=udir)
-    except BaseException:
-        node.index = None
-        _remove_temp(work, tmp)
-        raise
-    node.upper = True
+            index.add(ovl, self.tmp, node, st.st_nlink)
+        os.rename(self.tmp, self.name, src_dir_fd=work, dst_dir_fd=ovl.upper_dirfd(self.parent))
+        node.upper = True
+        self.done = True
+
+    def __enter__(self) -> "_CopyJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in (self.src, self.dst):
+            if fd >= 0:
+                os.close(fd)
+        if not self.done:
+            self.node.index = None
+            _remove_temp(self.ovl.work_fd, self.tmp)
 
 
-def _copy_file(ovl: Overlay, src_dir: int, src_name: bytes, tmp: bytes, st: os.stat_result) -> None:
-    src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+async def copy_up_async(ovl: Overlay, node: Node) -> None:
+    """copy_up for the request paths that may meet big files (open for write, truncate):
+    the data copy runs in a worker thread so other requests go on; one copy per inode."""
+    if node.upper or node.index is not None:
+        return
+    ovl.require_writable()
+    parent, name = node.parent_and_name()
+    copy_up(ovl, parent)
+    lock = ovl.copy_locks.setdefault(node.ino, trio.Lock())
     try:
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600, dir_fd=ovl.work_fd)
-        try:
-            copy_data(src, dst, st.st_size)
-            if not ovl.spec.volatile:
-                os.fsync(dst)  # as the kernel: the copy is durable before it replaces the lower
-        finally:
-            os.close(dst)
+        async with lock:
+            if node.upper or node.index is not None:
+                return  # another request copied it meanwhile
+            with _CopyJob(ovl, node, parent, name) as job:
+                if job.large:
+                    await trio.to_thread.run_sync(job.copy_data)
+                else:
+                    job.copy_data()
+                job.finish()
     finally:
-        os.close(src)
+        if not lock.statistics().tasks_waiting:
+            ovl.copy_locks.pop(node.ino, None)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:

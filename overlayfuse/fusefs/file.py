@@ -13,7 +13,7 @@ import os
 import pyfuse3
 import trio
 
-from .copy_up import copy_up
+from .copy_up import copy_up_async
 from .inodes import Node
 from .overlay import Overlay
 
@@ -70,10 +70,10 @@ def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
     return os.open(name, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
-def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
+async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
     if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
         ovl.require_writable()
-        copy_up(ovl, node)
+        await copy_up_async(ovl, node)
     fd = open_backing(ovl, node, flags)
     return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
 

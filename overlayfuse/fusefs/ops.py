@@ -145,7 +145,7 @@ class OverlayOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------
     @_errors
     async def open(self, inode, flags, ctx):
-        return fileops.open_node(self.ovl, self.ovl.table.get(inode), flags)
+        return await fileops.open_node(self.ovl, self.ovl.table.get(inode), flags)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -50,6 +50,7 @@ class Overlay:
         if spec.workdir:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}
+        self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._listings: OrderedDict[int, list[bytes]] = OrderedDict()
         self._listed_names = 0
         root = Node(ROOT, stat.S_IFDIR)
