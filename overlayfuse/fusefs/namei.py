@@ -104,13 +104,13 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             break
         if not stat.S_ISDIR(st.st_mode):
             if top is None:
-                return _lower_nondir(ovl, li, join(dir_path, entry), st)
+                return _lower_nondir(ovl, dfd, entry, li, join(dir_path, entry), st)
             break  # a non-directory below a directory ends the merge
         stack.append((li, join(dir_path, entry)))
+        marks = fmt.overlay_xattrs(dfd, entry)
         if top is None:
             top = st
-            node = Node(ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
-        marks = fmt.overlay_xattrs(dfd, entry)
+            node = Node(_saved_ino(marks) or ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
         if fmt.opaque_in(marks) or fmt.has_opaque_marker(dfd, entry):
             break
         redirect = marks.get(b"redirect")
@@ -127,8 +127,12 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
     return node, top
 
 
-def _lower_nondir(ovl: Overlay, li: int, path: bytes, st: os.stat_result) -> tuple[Node, os.stat_result]:
-    node = Node(ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
+def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
+                  st: os.stat_result) -> tuple[Node, os.stat_result]:
+    # a lower layer may be a former upper (layer store snapshots): its copied-up entries keep
+    # the inode number they had when they were copied up
+    ino = _saved_ino(fmt.overlay_xattrs(dirfd, name)) if _may_carry_ino(st) else None
+    node = Node(ino or ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
     node.lower = [(li, path)]
     if st.st_nlink > 1:
         # an earlier copy-up of another name of this inode holds the current data
@@ -137,6 +141,11 @@ def _lower_nondir(ovl: Overlay, li: int, path: bytes, st: os.stat_result) -> tup
             node.index = index.name_of(node)
             return node, ist
     return node, st
+
+
+def _may_carry_ino(st: os.stat_result) -> bool:
+    """Only files and dirs can hold user.* xattrs; as root every type can hold trusted.*."""
+    return stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) or os.geteuid() == 0
 
 
 def _saved_ino(marks: dict[bytes, bytes]) -> int | None:
