@@ -75,8 +75,8 @@ class _CopyJob:
     only: safe in a worker thread), ``finish`` (metadata, index, rename into place).  Leaving
     the ``with`` block without ``finish`` removes the temp entry: the upper is untouched."""
 
-    def __init__(self, ovl: Overlay, node: Node, parent: Node, name: bytes) -> None:
-        ovl.changed(node, parent)
+    def __init__(self, ovl: Overlay, node: Node, parent: Node | None, name: bytes) -> None:
+        ovl.changed(node, *([parent] if parent is not None else []))
         self.ovl, self.node, self.parent, self.name = ovl, node, parent, name
         self.src_dir, self.src_name = ovl.lower_location(node)
         self.st = st = os.stat(self.src_name, dir_fd=self.src_dir, follow_symlinks=False)
@@ -112,7 +112,15 @@ class _CopyJob:
         copy_metadata(ovl, self.src_dir, self.src_name, work, self.tmp, st, node.ino)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ovl.index_fd >= 0:
             index.add(ovl, self.tmp, node, st.st_nlink)
-        os.rename(self.tmp, self.name, src_dir_fd=work, dst_dir_fd=ovl.upper_dirfd(self.parent))
+        if self.parent is None:  # index only: the index entry is the copy
+            os.unlink(self.tmp, dir_fd=work)
+            self.done = True
+            return
+        udir = ovl.upper_dirfd(self.parent)
+        before = os.fstat(udir)
+        os.rename(self.tmp, self.name, src_dir_fd=work, dst_dir_fd=udir)
+        # as the kernel: a copy-up does not show in the parent's times
+        os.utime(fmt.proc_path(udir, b""), ns=(before.st_atime_ns, before.st_mtime_ns))
         node.upper = True
         self.done = True
 
@@ -126,6 +134,16 @@ class _CopyJob:
         if not self.done:
             self.node.index = None
             _remove_temp(self.ovl.work_fd, self.tmp)
+
+
+def copy_up_to_index(ovl: Overlay, node: Node) -> None:
+    """Copy a hard-linked lower file into the index only, before one of its names goes away,
+    so the names left keep a true link count (the kernel does the same with index=on)."""
+    if node.index is not None or node.upper or ovl.index_fd < 0:
+        return
+    with _CopyJob(ovl, node, None, b"") as job:
+        job.copy_data()
+        job.finish()
 
 
 async def copy_up_async(ovl: Overlay, node: Node) -> None:

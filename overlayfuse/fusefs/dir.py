@@ -16,7 +16,7 @@ import pyfuse3
 
 from .. import format as fmt
 from . import index
-from .copy_up import copy_up, copy_up_name, ensure_upper_dir, temp_name
+from .copy_up import copy_up, copy_up_name, copy_up_to_index, ensure_upper_dir, temp_name
 from .inodes import Node
 from .layers import join
 from .namei import _lstat, check_name, resolve
@@ -191,8 +191,8 @@ def _existing(ovl: Overlay, parent: Node, name: bytes) -> Node:
     fresh = found[0]
     known = ovl.table.child(parent, name)
     if known is not None and known.ino == fresh.ino:
-        known.upper, known.lower, known.opaque, known.index = (
-            fresh.upper, fresh.lower, fresh.opaque, fresh.index)
+        known.upper, known.lower, known.opaque, known.index, known.st = (
+            fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
         return known
     fresh.add_alias(parent, name)
     return fresh
@@ -200,11 +200,15 @@ def _existing(ovl: Overlay, parent: Node, name: bytes) -> Node:
 
 def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     """Take ``name`` out of the merged tree: delete the upper entry and/or leave a whiteout."""
+    links = node.st.st_nlink if node.st is not None else 1
     ovl.changed(parent, listing=True)
     ovl.changed(node, listing=True)
     udir = ensure_upper_dir(ovl, parent)
     need_whiteout = lower_positive(ovl, parent, name)
-    if _lstat(udir, name) is not None:  # this name, not the inode: hard links differ
+    in_upper = _lstat(udir, name) is not None  # this name, not the inode: hard links differ
+    if not in_upper and node.kind == stat.S_IFREG and links > 1:
+        copy_up_to_index(ovl, node)
+    if in_upper:
         if node.is_dir:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))
         tmp = temp_name()

@@ -115,7 +115,7 @@ class InodeTable:
         else:
             node.upper, node.lower, node.opaque, node.index, node.st = (
                 fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
-            node.nlink_override = None
+            node.nlink_override = fresh.nlink_override
         old = self._children.get((parent.ino, name))
         if old is not None and old is not node:
             old.drop_alias(parent, name)

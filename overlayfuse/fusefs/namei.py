@@ -68,6 +68,8 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
                 node.upper = True
                 if ino and st.st_nlink > 1 and index.lookup(ovl, ino, st) is not None:
                     node.index = index.name_of(node)
+                elif b"nlink" in marks:
+                    node.nlink_override = _kernel_nlink(marks[b"nlink"], st)
                 return node, st
             top = st
             node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFDIR)
@@ -141,6 +143,17 @@ def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
             node.index = index.name_of(node)
             return node, ist
     return node, st
+
+
+def _kernel_nlink(value: bytes, st: os.stat_result) -> int | None:
+    """The kernel's ``nlink`` xattr on an indexed upper file: ``U-1`` means the upper link
+    count less one (its index entry).  The lower-relative form needs the origin: ignored."""
+    if value[:1] != b"U":
+        return None
+    try:
+        return max(st.st_nlink + int(value[1:]), 1)
+    except ValueError:
+        return None
 
 
 def _may_carry_ino(st: os.stat_result) -> bool:

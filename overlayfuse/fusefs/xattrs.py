@@ -1,4 +1,10 @@
-"""Extended attributes (xattrs.c): passed through, the overlay's own names hidden and refused."""
+"""Extended attributes (xattrs.c): passed through, the overlay's own markers hidden.
+
+As the kernel (>= 6.7) does: names in the overlay's namespace (``trusted.overlay.*`` as root,
+``user.overlay.*`` otherwise) are the overlay's bookkeeping and read as absent, but a caller
+may still set such a name: it is stored escaped as ``<prefix>overlay.<rest>`` (which is how a
+nested overlay keeps its markers) and shown back under the name the caller used.
+"""
 from __future__ import annotations
 
 import errno
@@ -18,9 +24,21 @@ def _target(ovl: Overlay, node: Node) -> tuple[bytes, bool]:
     return fmt.proc_path(dirfd, name), not name
 
 
-def _refuse_private(name: bytes) -> None:
-    if fmt.is_private_xattr(name):
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+def _real_name(ovl: Overlay, name: bytes) -> bytes:
+    """The name stored on the backing entry for the name a caller uses."""
+    if name.startswith(ovl.prefix):
+        return ovl.prefix + b"overlay." + name[len(ovl.prefix):]
+    return name
+
+
+def _shown_name(ovl: Overlay, real: bytes) -> bytes | None:
+    """The name a caller sees for a stored one, or None for the overlay's own markers."""
+    if not real.startswith(ovl.prefix):
+        return real
+    rest = real[len(ovl.prefix):]
+    if rest.startswith(b"overlay."):
+        return ovl.prefix + rest[len(b"overlay."):]
+    return None
 
 
 def _no_attr(e: OSError) -> None:
@@ -30,36 +48,33 @@ def _no_attr(e: OSError) -> None:
 
 
 def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
-    _refuse_private(name)
     path, follow = _target(ovl, node)
     try:
-        return os.getxattr(path, name, follow_symlinks=follow)
+        return os.getxattr(path, _real_name(ovl, name), follow_symlinks=follow)
     except OSError as e:
         _no_attr(e)
 
 
 def listxattr(ovl: Overlay, node: Node) -> list[bytes]:
     path, follow = _target(ovl, node)
-    names = (os.fsencode(x) for x in os.listxattr(path, follow_symlinks=follow))
-    return [n for n in names if not fmt.is_private_xattr(n)]
+    shown = (_shown_name(ovl, os.fsencode(x)) for x in os.listxattr(path, follow_symlinks=follow))
+    return [name for name in shown if name is not None]
 
 
 def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
-    _refuse_private(name)
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
     path, follow = _target(ovl, node)
-    os.setxattr(path, name, value, follow_symlinks=follow)
+    os.setxattr(path, _real_name(ovl, name), value, follow_symlinks=follow)
 
 
 def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
-    _refuse_private(name)
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
     path, follow = _target(ovl, node)
     try:
-        os.removexattr(path, name, follow_symlinks=follow)
+        os.removexattr(path, _real_name(ovl, name), follow_symlinks=follow)
     except OSError as e:
         _no_attr(e)
