@@ -103,7 +103,10 @@ def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
 
 
 async def fsync(ovl: Overlay, fh: int, datasync: bool) -> None:
-    """Slow: run off the trio thread so other requests go on (PYFUSE3-FACTS)."""
+    """Slow: run off the trio thread so other requests go on (PYFUSE3-FACTS).  A ``volatile``
+    overlay skips syncs altogether, as the kernel's does."""
+    if ovl.spec.volatile:
+        return
     fd = get_handle(fh).fd
     await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
