@@ -143,11 +143,30 @@ def read_redirect(dirfd: int, name: bytes) -> bytes | None:
     return get_overlay_xattr(dirfd, name, b"redirect")
 
 
-def make_whiteout(dirfd: int, name: bytes) -> None:
-    """Write the kernel's whiteout (char 0/0); fall back to ``.wh.NAME`` where mknod is refused."""
+def make_whiteout(dirfd: int, name: bytes, prefix: bytes) -> bool:
+    """Write a whiteout: the kernel's char 0/0, or where mknod is refused (an upper on a
+    filesystem such as overlayfs or FUSE), the kernel's other form: an empty file with the
+    ``whiteout`` xattr.  Returns True for the xattr form: its final parent directory must then
+    be flagged with ``mark_xattr_whiteouts``, or the kernel will not look for it."""
     try:
         os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dirfd)
-    except PermissionError:
-        fd = os.open(WH_PREFIX + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
-                     0o000, dir_fd=dirfd)
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o000, dir_fd=dirfd)
+    try:
+        os.setxattr(fd, prefix + b"whiteout", b"y")
+    except OSError:
         os.close(fd)
+        os.unlink(name, dir_fd=dirfd)
+        raise
+    os.close(fd)
+    return True
+
+
+def mark_xattr_whiteouts(dirfd: int, prefix: bytes) -> None:
+    """Flag a directory as holding xattr whiteouts (``opaque=x``) unless it is opaque anyway."""
+    if get_overlay_xattr(dirfd, b"", b"opaque") != b"y":
+        set_overlay_xattr(dirfd, b"", prefix, b"opaque", b"x")

@@ -1,8 +1,8 @@
 """OverlaySpec: what to mount (layers and options), parsed from and formatted to option strings.
 
 One grammar serves ``mount -t overlay``, fuse-overlayfs and us: items separated by ``,``; a
-backslash escapes the next character (``\\,`` ``\\:`` ``\\\\``), as the kernel's overlayfs
-reads it; ``lowerdir=`` lists the lower dirs top first, separated by unescaped ``:``; a
+backslash escapes the next character (``\\,`` ``\\:`` ``\\\\`` ``\\"``), as the kernel's
+overlayfs reads it; ``lowerdir=`` lists the lower dirs top first, separated by unescaped ``:``; a
 double-quoted value (``context="a,b"``) may hold commas, as libmount allows.
 """
 from __future__ import annotations

@@ -157,6 +157,8 @@ def _make_node_at(ovl: Overlay, parent: Node, name: bytes, make, caller: Caller)
 
 
 def mknod(ovl: Overlay, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, os.stat_result]:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        raise pyfuse3.FUSEError(errno.EPERM)  # a whiteout is never a user's file (as the kernel)
     return _make_node_at(ovl, parent, name,
                          lambda entry, where: os.mknod(entry, mode, rdev, dir_fd=where), caller)
 
@@ -213,13 +215,15 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))
         tmp = temp_name()
         if need_whiteout:
-            fmt.make_whiteout(ovl.work_fd, tmp)
+            if fmt.make_whiteout(ovl.work_fd, tmp, ovl.prefix):
+                fmt.mark_xattr_whiteouts(udir, ovl.prefix)
             renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
         else:
             os.rename(name, tmp, src_dir_fd=udir, dst_dir_fd=ovl.work_fd)
         _rmtree_at(ovl.work_fd, tmp)
     elif need_whiteout:
-        fmt.make_whiteout(udir, name)
+        if fmt.make_whiteout(udir, name, ovl.prefix):
+            fmt.mark_xattr_whiteouts(udir, ovl.prefix)
     index.adjust(ovl, node, -1)
     gone = ovl.table.unbind(parent, name)
     if gone is not None and gone.open_count and not gone.aliases:
@@ -326,7 +330,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
         if not src_needs_whiteout:
             os.unlink(old_name, dir_fd=old_udir)
     else:
-        _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout)
+        _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout, ovl.prefix)
     if dst is not None:
         index.adjust(ovl, dst, -1)
     gone = ovl.table.unbind(new_parent, new_name)
@@ -339,7 +343,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
 
 
 def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: bytes,
-                    whiteout: bool) -> None:
+                    whiteout: bool, prefix: bytes) -> None:
     if not whiteout:
         os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
         return
@@ -349,7 +353,8 @@ def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: byt
         if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
             raise
         os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
-        fmt.make_whiteout(old_udir, old_name)
+        if fmt.make_whiteout(old_udir, old_name, prefix):
+            fmt.mark_xattr_whiteouts(old_udir, prefix)
 
 
 def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,
