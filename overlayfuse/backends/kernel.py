@@ -1,0 +1,115 @@
+"""The kernel backend: overlayfs mounted with mount(2) in the caller's mount namespace (root)."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import time
+from typing import Callable, Sequence
+
+from ..probe import probe as run_probe
+from ..probe import deferred_signals, probe_dir_for
+from .. import sysmount
+from ..errors import OverlayfuseError
+from ..spec import OverlaySpec
+from .base import Backend, Mount, Purpose, Verdict, inside, merged_env, spawn, wait_forwarding
+
+log = logging.getLogger(__name__)
+
+
+def mount_spec(spec: OverlaySpec, target: str, *, userxattr: bool = False) -> None:
+    """Mount ``spec`` with overlayfs on ``target`` in the current namespace (OSError on refusal)."""
+    sysmount.mount_overlay(spec.lowerdirs, spec.upperdir, spec.workdir, target,
+                           options=spec.options, volatile=spec.volatile, userxattr=userxattr)
+
+
+def umount_retrying(target: str) -> None:
+    """umount2, retrying a busy mount briefly, then detaching it: nothing may stay mounted."""
+    for _ in range(20):
+        try:
+            sysmount.umount2(target)
+            return
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+                return
+            if e.errno != errno.EBUSY:
+                raise
+        time.sleep(0.05)
+    log.warning("%s still busy: detaching it lazily", target)
+    sysmount.umount2(target, sysmount.MNT_DETACH)
+
+
+def run_dir() -> str:
+    """Where throwaway mount points go: $XDG_RUNTIME_DIR when usable, else the temp dir."""
+    d = os.environ.get("XDG_RUNTIME_DIR")
+    if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+        return d
+    return tempfile.gettempdir()
+
+
+class KernelBackend(Backend):
+    name = "kernel"
+
+    def check(self, spec: OverlaySpec, purpose: Purpose) -> Verdict:
+        return run_probe(probe_dir_for(spec)).verdict(self.name, purpose)
+
+    def mount(self, spec: OverlaySpec, target: str) -> Mount:
+        target = os.path.abspath(target)
+        mounted = False
+        try:
+            with deferred_signals():  # a signal must not fall between mount and handle
+                mount_spec(spec, target)
+                mounted = True
+        except OSError as e:
+            raise OverlayfuseError(
+                f"kernel overlayfs refused to mount on {target}: {e.strerror or e}") from None
+        except BaseException:
+            if mounted:
+                umount_retrying(target)
+            raise
+        return Mount(self.name, target, spec, lambda: umount_retrying(target))
+
+    def run(self, spec: OverlaySpec, argv: Sequence[str], cwd: str | None = None, *,
+            mountpoint: str | None = None, env: dict[str, str] | None = None,
+            map_root: bool = False) -> int:
+        """Mount in a private mount namespace of the command's own: it vanishes with it."""
+
+        def setup(spec: OverlaySpec, mnt: str) -> None:
+            sysmount.unshare(sysmount.CLONE_NEWNS)
+            sysmount.make_rprivate()
+            _mount_or_explain(spec, mnt, userxattr=False, who="kernel overlayfs")
+
+        return run_private(spec, argv, cwd, mountpoint, env, setup)
+
+
+def _mount_or_explain(spec: OverlaySpec, mnt: str, *, userxattr: bool, who: str) -> None:
+    try:
+        mount_spec(spec, mnt, userxattr=userxattr)
+    except OSError as e:
+        raise OverlayfuseError(f"{who} refused to mount on {mnt}: {e.strerror or e}") from None
+
+
+def run_private(spec: OverlaySpec, argv: Sequence[str], cwd: str | None,
+                mountpoint: str | None, env: dict[str, str] | None,
+                setup: Callable[[OverlaySpec, str], None]) -> int:
+    """Fork; the child makes its namespace and mount (``setup(spec, mnt)``), execs ``argv``."""
+    if spec.upperdir is None and len(spec.lowerdirs) == 1:
+        # pad here, not in the child: inside a user namespace our uid is another
+        spec = OverlaySpec(lowerdirs=(spec.lowerdirs[0], sysmount.empty_dir()),
+                           options=spec.options)
+    made = mountpoint is None
+    mnt = tempfile.mkdtemp(prefix="overlayfuse-run-", dir=run_dir()) if made else \
+        os.path.abspath(mountpoint)  # type: ignore[arg-type]
+    try:
+        if not os.path.isdir(mnt):
+            raise OverlayfuseError(f"mount point {mnt} is not a directory")
+        pid = spawn(argv, inside(mnt, cwd), merged_env(mnt, env),
+                    lambda: setup(spec, mnt))
+        return wait_forwarding(pid)
+    finally:
+        if made:
+            try:
+                os.rmdir(mnt)
+            except OSError as e:
+                log.warning("cannot remove mount point %s: %s", mnt, e)

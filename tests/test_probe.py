@@ -1,0 +1,156 @@
+"""The probe: real trial mounts per backend, facts about the directory, cache, cleanup."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mounts import REPO, mounts_under
+from overlayfuse import sysmount
+from overlayfuse.probe import (BACKENDS, SCRATCH_PREFIX, Report, _cache_key, cache_path,
+                               probe)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the probe tests run as root")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+                   ) -> Path:
+    """Each test gets its own probe cache: no verdict leaks between tests or into ~/.cache."""
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(d))
+    return d
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n.startswith(SCRATCH_PREFIX))
+
+
+def test_root_on_ext4_every_backend_works(tmp_path: Path) -> None:
+    started = time.monotonic()
+    rep = probe(str(tmp_path), refresh=True)
+    elapsed = time.monotonic() - started
+    assert not rep.cached
+    assert set(rep.trials) == set(BACKENDS)
+    for b in BACKENDS:
+        assert rep.trials[b].ok, (b, rep.trials[b].reason)
+        assert "whiteout char 0/0" in rep.trials[b].reason
+    # kernel-userns never serves a mount visible to other processes
+    assert not rep.verdict("kernel-userns", "mount").ok
+    assert "only `run`" in rep.verdict("kernel-userns", "mount").reason
+    assert rep.verdict("kernel-userns", "run").ok
+    assert rep.preferred("mount") == "kernel" and rep.preferred("run") == "kernel"
+    f = rep.facts
+    assert (f.kernel_release, f.kernel_version) == (os.uname().release, os.uname().version)
+    assert f.fs_type == sysmount.mount_fstype(str(tmp_path))
+    assert f.mknod_whiteout and f.trusted_xattr and f.user_xattr and f.d_type
+    assert f.uid == 0 and f.user == "root"
+    # the whole uncached probe, FUSE daemon included, stays well under a second
+    assert elapsed < 1.0, f"uncached probe took {elapsed:.3f} s"
+    assert leftovers(tmp_path) == []
+    assert mounts_under(tmp_path) == []
+
+
+def test_cache_hit_and_refresh(tmp_path: Path) -> None:
+    first = probe(str(tmp_path))
+    assert not first.cached
+    t = time.monotonic()
+    second = probe(str(tmp_path))
+    assert second.cached and time.monotonic() - t < 0.05
+    assert {b: t.ok for b, t in second.trials.items()} == {b: t.ok for b, t in first.trials.items()}
+    assert os.path.exists(cache_path())
+    third = probe(str(tmp_path), refresh=True)
+    assert not third.cached and third.probed_at > first.probed_at
+
+
+def test_cached_no_does_not_outlive_a_kernel_change(tmp_path: Path) -> None:
+    """A "no" recorded by another kernel is never served, even under the current key."""
+    rep = probe(str(tmp_path))
+    d = rep.to_dict()
+    d["kernel"]["version"] = "#0 an older build"
+    for b in d["backends"].values():
+        b["trial"]["ok"] = False
+        b["trial"]["reason"] = "refused by the old kernel"
+    with open(cache_path()) as f:
+        data = json.load(f)
+    data["entries"][_cache_key(str(tmp_path))] = d
+    with open(cache_path(), "w") as f:
+        json.dump(data, f)
+    again = probe(str(tmp_path))
+    assert not again.cached
+    assert again.trials["kernel"].ok
+
+
+def test_report_round_trips_through_json(tmp_path: Path) -> None:
+    rep = probe(str(tmp_path))
+    back = Report.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert back.to_dict()["backends"] == rep.to_dict()["backends"]
+    assert back.facts == rep.facts
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_scratch_of_a_killed_probe_is_removed(tmp_path: Path) -> None:
+    stale = tmp_path / f"{SCRATCH_PREFIX}{_dead_pid()}-0badcafe"
+    (stale / "kernel" / "work" / "work").mkdir(parents=True)
+    os.chmod(stale / "kernel" / "work" / "work", 0)
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getppid()}-0badcafe"  # a live PID: kept
+    alive.mkdir()
+    probe(str(tmp_path), refresh=True)
+    assert leftovers(tmp_path) == [alive.name]
+
+
+PROBE_CODE = ("import sys; from overlayfuse.probe import probe; "
+              "probe(sys.argv[1], refresh=True); print('done')")
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.08, 0.15])
+def test_killed_probe_leaves_nothing(tmp_path: Path, _private_cache: Path, delay: float) -> None:
+    """SIGTERM: the probe cleans up itself. SIGKILL: the next probe removes the remains."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(_private_cache))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        # start the probe, then wait until it is inside a trial before killing it
+        p = subprocess.Popen([sys.executable, "-c", PROBE_CODE, str(tmp_path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not leftovers(tmp_path) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.send_signal(sig)
+        p.communicate(timeout=20)
+        if sig == signal.SIGTERM:
+            time.sleep(0.1)
+            assert leftovers(tmp_path) == [], p.returncode
+            assert mounts_under(tmp_path) == []
+        else:
+            probe(str(tmp_path), refresh=True)
+            assert leftovers(tmp_path) == []
+            assert mounts_under(tmp_path) == []
+
+
+def test_probe_facts_on_an_overlay_directory(tmp_path: Path) -> None:
+    """A dir inside a kernel overlay: the kernel refuses it as upper and says so."""
+    for d in ("l", "u", "w", "m"):
+        (tmp_path / d).mkdir()
+    m = str(tmp_path / "m")
+    sysmount.mount_overlay([str(tmp_path / "l")], str(tmp_path / "u"), str(tmp_path / "w"), m)
+    try:
+        rep = probe(m, refresh=True)
+        assert rep.facts.fs_type == "overlay"
+        assert not rep.facts.mknod_whiteout  # overlayfs refuses mknod c 0 0 on itself
+        for b in ("kernel", "kernel-userns"):
+            assert not rep.trials[b].ok
+            assert "not supported as upperdir" in rep.trials[b].reason
+        assert leftovers(Path(m)) == []
+    finally:
+        sysmount.umount2(m)
