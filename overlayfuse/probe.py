@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from . import format as fmt
 from . import sysmount
 from .errors import OverlayfuseError
 from .spec import OverlaySpec
@@ -371,18 +372,26 @@ def exercise(merged: str) -> None:
         raise AssertionError(f"after delete and write the listing is {names}")
 
 
-def _verify_upper(upper: str, lowers: Sequence[str], allow_wh_file: bool) -> tuple[bool, str]:
+def _xattr_whiteout(directory: str, name: str, st: os.stat_result) -> bool:
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return fmt.is_xattr_whiteout(fd, os.fsencode(name), st)
+    finally:
+        os.close(fd)
+
+
+def _verify_upper(upper: str, lowers: Sequence[str], allow_xattr_whiteout: bool) -> tuple[bool, str]:
     """Check the trial's traces in the upper dir, in the shared on-disk format."""
     try:
         st = os.lstat(os.path.join(upper, "gone"))
-        if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-            return False, "deleting a lower file left no whiteout (char 0/0) in the upper dir"
-        wh = "whiteout char 0/0"
     except FileNotFoundError:
-        if allow_wh_file and os.path.exists(os.path.join(upper, ".wh.gone")):
-            wh = "whiteout .wh.NAME (mknod refused)"
-        else:
-            return False, "deleting a lower file left no whiteout in the upper dir"
+        return False, "deleting a lower file left no whiteout in the upper dir"
+    if fmt.is_whiteout_stat(st):
+        wh = "whiteout char 0/0"
+    elif allow_xattr_whiteout and _xattr_whiteout(upper, "gone", st):
+        wh = "whiteout as an xattr-marked file (mknod refused)"
+    else:
+        return False, "deleting a lower file left no whiteout in the upper dir"
     try:
         with open(os.path.join(upper, "new")) as f:
             if f.read() != "new":
@@ -497,7 +506,7 @@ def _trial_kernel(scratch: str, lowers: list[str], facts: Facts) -> tuple[bool, 
     ok, reason = in_child(child)
     if not ok:
         return False, reason
-    ok, how = _verify_upper(upper, lowers, allow_wh_file=False)
+    ok, how = _verify_upper(upper, lowers, allow_xattr_whiteout=False)
     return ok, (f"{reason} (trial: {how}, copy-up into the upper)" if ok else how)
 
 
@@ -528,7 +537,7 @@ def _trial_userns(scratch: str, lowers: list[str], facts: Facts) -> tuple[bool, 
     ok, reason = in_child(child)
     if not ok:
         return False, reason
-    ok, how = _verify_upper(upper, lowers, allow_wh_file=False)
+    ok, how = _verify_upper(upper, lowers, allow_xattr_whiteout=False)
     return ok, (f"{reason} (trial: {how}, copy-up into the upper)" if ok else how)
 
 
@@ -569,7 +578,7 @@ def _trial_fuse(scratch: str, lowers: list[str], facts: Facts) -> tuple[bool, st
         unmount_fuse(merged, pid, wait=False)
     if not ok:
         return False, f"the FUSE trial failed: {reason}"
-    ok, how = _verify_upper(upper, lowers, allow_wh_file=True)
+    ok, how = _verify_upper(upper, lowers, allow_xattr_whiteout=True)
     return ok, (f"{reason} (trial: {how}, copy-up into the upper)" if ok else how)
 
 

@@ -207,8 +207,6 @@ def test_upper_on_overlay_kernel_refuses_with_reason(overlay_dir: Path) -> None:
     assert not is_mounted(ly.mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="the FUSE daemon writes .wh.NAME where mknod is refused "
-                   "(an overlayfs upper) but does not yet honour it in lookup/readdir")
 def test_upper_on_overlay_auto_falls_back_to_fuse(overlay_dir: Path) -> None:
     ly = make_layers(overlay_dir / "layers")
     (ly.lowers[1] / "f").write_text("lower")
