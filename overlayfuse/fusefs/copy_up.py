@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from .. import format as fmt
-from . import index
+from . import index, origin
 from .inodes import Node
 from .overlay import Overlay
 
@@ -52,11 +52,12 @@ def copy_up_name(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     """Namespace changes (rename) need this very name in the upper, not just the inode."""
     copy_up(ovl, parent)
     if node.index is not None:
-        try:
-            os.link(node.index, name, src_dir_fd=ovl.index_fd,
-                    dst_dir_fd=ovl.upper_dirfd(parent), follow_symlinks=False)
-        except FileExistsError:
-            pass  # this name is in the upper already
+        with index.Counting(ovl, node, 0):  # one more upper link, the same names
+            try:
+                os.link(node.index, name, src_dir_fd=ovl.index_fd,
+                        dst_dir_fd=ovl.upper_dirfd(parent), follow_symlinks=False)
+            except FileExistsError:
+                pass  # this name is in the upper already
         return
     if not node.upper:
         _copy_up_one(ovl, node, parent, name)
@@ -110,19 +111,30 @@ class _CopyJob:
     def finish(self) -> None:
         ovl, node, st, work = self.ovl, self.node, self.st, self.ovl.work_fd
         copy_metadata(ovl, self.src_dir, self.src_name, work, self.tmp, st, node.ino)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ovl.index_fd >= 0:
-            index.add(ovl, self.tmp, node, st.st_nlink)
+        fh = ovl.origin_of(node.lower[0][0], self.src_dir, self.src_name)
+        if fh is not None:
+            _set_private(ovl, work, self.tmp, b"origin", fh)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ovl.index_fd >= 0 and fh:
+            index.add(ovl, self.tmp, node, origin.index_name(fh))
         if self.parent is None:  # index only: the index entry is the copy
             os.unlink(self.tmp, dir_fd=work)
+            self._counted()
             self.done = True
             return
         udir = ovl.upper_dirfd(self.parent)
         before = os.fstat(udir)
         os.rename(self.tmp, self.name, src_dir_fd=work, dst_dir_fd=udir)
+        mark_impure(ovl, udir)
         # as the kernel: a copy-up does not show in the parent's times
         os.utime(fmt.proc_path(udir, b""), ns=(before.st_atime_ns, before.st_mtime_ns))
         node.upper = True
+        self._counted()
         self.done = True
+
+    def _counted(self) -> None:
+        """An indexed copy now has its final links: record its names (all lower ones)."""
+        if self.node.index is not None:
+            index.set_nlink(self.ovl, self.node, self.st.st_nlink)
 
     def __enter__(self) -> "_CopyJob":
         return self
@@ -200,14 +212,25 @@ def copy_metadata(ovl: Overlay, src_dir: int, src_name: bytes, dst_dir: int, dst
     except PermissionError:
         pass  # an unprivileged daemon owns what it creates, as fuse-overlayfs does
     copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path)
-    try:
-        fmt.set_overlay_xattr(dst_dir, dst_name, ovl.prefix, fmt.INO_XATTR, b"%d" % ino)
-    except OSError as e:  # user.* xattrs exist only on files and dirs
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-            raise
+    _set_private(ovl, dst_dir, dst_name, fmt.INO_XATTR, b"%d" % ino)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def _set_private(ovl: Overlay, dirfd: int, name: bytes, key: bytes, value: bytes) -> None:
+    try:
+        fmt.set_overlay_xattr(dirfd, name, ovl.prefix, key, value)
+    except OSError as e:  # user.* xattrs exist only on files and dirs
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+
+
+def mark_impure(ovl: Overlay, udir: int) -> None:
+    """Tell the kernel this upper dir holds copied-up or moved entries (``impure``): it then
+    looks up their origin for inode numbers in readdir, as it does for its own."""
+    if fmt.get_overlay_xattr(udir, b"", b"impure") is None:
+        _set_private(ovl, udir, b"", b"impure", b"y")
 
 
 def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:

@@ -7,6 +7,7 @@ EXDEV.  Entries that replace a whiteout are built in ``work/`` and swapped in at
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -19,7 +20,7 @@ from . import index
 from .copy_up import copy_up, copy_up_name, copy_up_to_index, ensure_upper_dir, temp_name
 from .inodes import Node
 from .layers import join
-from .namei import _lstat, check_name, resolve
+from .namei import _lstat, _oci_whiteout, check_name, resolve
 from .overlay import Overlay
 from .readdir import is_empty
 
@@ -62,7 +63,7 @@ def lower_positive(ovl: Overlay, parent: Node, name: bytes) -> bool:
             continue
         st = _lstat(dfd, name)
         if st is None:
-            if _lstat(dfd, fmt.WH_PREFIX + name) is not None:
+            if _oci_whiteout(dfd, name):
                 return False
             continue
         return not (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dfd, name, st))
@@ -78,6 +79,8 @@ def _prepare_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
     """Copy the parent up; say whether the new entry must be built in work/ (a whiteout sits
     at its name) or can be made in place."""
     check_name(name)
+    if name.startswith(fmt.WH_PREFIX):
+        raise pyfuse3.FUSEError(errno.EPERM)  # would read back as an OCI whiteout marker
     ovl.require_writable()
     ovl.changed(parent, listing=True)
     udir = ensure_upper_dir(ovl, parent)
@@ -175,13 +178,14 @@ def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.
     ovl.changed(node)
     copy_up(ovl, node)
     src_dir, src_name = ovl.location(node)
-    if over_whiteout:
-        tmp = temp_name()
-        os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=ovl.work_fd, follow_symlinks=False)
-        _install(ovl, udir, name, tmp, False)
-    else:
-        os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=udir, follow_symlinks=False)
-    index.adjust(ovl, node, +1)
+    with index.Counting(ovl, node, +1):
+        if over_whiteout:
+            tmp = temp_name()
+            os.link(src_name, tmp, src_dir_fd=src_dir, dst_dir_fd=ovl.work_fd,
+                    follow_symlinks=False)
+            _install(ovl, udir, name, tmp, False)
+        else:
+            os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=udir, follow_symlinks=False)
     return _finish_new(ovl, parent, name)
 
 
@@ -210,21 +214,21 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     in_upper = _lstat(udir, name) is not None  # this name, not the inode: hard links differ
     if not in_upper and node.kind == stat.S_IFREG and links > 1:
         copy_up_to_index(ovl, node)
-    if in_upper:
-        if node.is_dir:
-            ovl.dirfds.forget_tree(0, join(parent.upath(), name))
-        tmp = temp_name()
-        if need_whiteout:
-            if fmt.make_whiteout(ovl.work_fd, tmp, ovl.prefix):
+    with index.Counting(ovl, node, -1):
+        if in_upper:
+            if node.is_dir:
+                ovl.dirfds.forget_tree(0, join(parent.upath(), name))
+            tmp = temp_name()
+            if need_whiteout:
+                if fmt.make_whiteout(ovl.work_fd, tmp, ovl.prefix):
+                    fmt.mark_xattr_whiteouts(udir, ovl.prefix)
+                renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
+            else:
+                os.rename(name, tmp, src_dir_fd=udir, dst_dir_fd=ovl.work_fd)
+            _rmtree_at(ovl.work_fd, tmp)
+        elif need_whiteout:
+            if fmt.make_whiteout(udir, name, ovl.prefix):
                 fmt.mark_xattr_whiteouts(udir, ovl.prefix)
-            renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
-        else:
-            os.rename(name, tmp, src_dir_fd=udir, dst_dir_fd=ovl.work_fd)
-        _rmtree_at(ovl.work_fd, tmp)
-    elif need_whiteout:
-        if fmt.make_whiteout(udir, name, ovl.prefix):
-            fmt.mark_xattr_whiteouts(udir, ovl.prefix)
-    index.adjust(ovl, node, -1)
     gone = ovl.table.unbind(parent, name)
     if gone is not None and gone.open_count and not gone.aliases:
         gone.nlink_override = 0
@@ -289,6 +293,8 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
            flags: int) -> None:
     ovl.require_writable()
     check_name(new_name)
+    if new_name.startswith(fmt.WH_PREFIX):
+        raise pyfuse3.FUSEError(errno.EPERM)  # would read back as an OCI whiteout marker
     src = _existing(ovl, old_parent, old_name)
     try:
         dst = _existing(ovl, new_parent, new_name)
@@ -324,15 +330,18 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     if dst is not None and dst.is_dir and dst.upper:
         _clear_whiteouts(ovl, dst)
         ovl.dirfds.forget_tree(0, join(new_parent.upath(), new_name))
-    if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
-        # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout
-        renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
-        if not src_needs_whiteout:
-            os.unlink(old_name, dir_fd=old_udir)
-    else:
-        _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout, ovl.prefix)
-    if dst is not None:
-        index.adjust(ovl, dst, -1)
+    if (dst is not None and upper_dst is None and dst.kind == stat.S_IFREG
+            and dst.st is not None and dst.st.st_nlink > 1):
+        copy_up_to_index(ovl, dst)  # its other names must keep a true link count
+    with index.Counting(ovl, dst, -1) if dst is not None else _nothing():
+        if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
+            # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout
+            renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
+            if not src_needs_whiteout:
+                os.unlink(old_name, dir_fd=old_udir)
+        else:
+            _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout,
+                            ovl.prefix)
     gone = ovl.table.unbind(new_parent, new_name)
     if gone is not None and gone is not src and gone.open_count and not gone.aliases:
         gone.nlink_override = 0
@@ -340,6 +349,10 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     if src.is_dir:
         _fix_moved_dir(ovl, src, new_parent, new_name)
     _rebind(ovl, new_parent, new_name, src)
+
+
+def _nothing() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: bytes,

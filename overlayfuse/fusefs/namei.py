@@ -12,7 +12,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
-from . import index
+from . import index, origin
 from .inodes import Node
 from .layers import join, split
 from .overlay import Overlay
@@ -29,6 +29,12 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
 
 def _is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
     return fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dirfd, name, st)
+
+
+def _oci_whiteout(dirfd: int, name: bytes) -> bool:
+    """``.wh.NAME`` beside a missing NAME (container layers); such a name can't exceed NAME_MAX."""
+    return len(name) <= NAME_MAX - len(fmt.WH_PREFIX) and \
+        _lstat(dirfd, fmt.WH_PREFIX + name) is not None
 
 
 def check_name(name: bytes) -> None:
@@ -48,9 +54,7 @@ def resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_resu
 def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_result] | None:
     check_name(name)
     if name.startswith(fmt.WH_PREFIX):
-        # OCI markers are bookkeeping, never entries of the merged tree
-        if name == fmt.OPAQUE_MARKER or not parent.upper:
-            return None
+        return None  # OCI markers are bookkeeping, never entries of the merged tree
     top: os.stat_result | None = None
     node: Node | None = None
     lookup_name = name
@@ -58,6 +62,8 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
     if parent.upper:
         udir = ovl.upper_dirfd(parent)
         st = _lstat(udir, name)
+        if st is None and _oci_whiteout(udir, name):
+            return None
         if st is not None:
             if _is_whiteout(udir, name, st):
                 return None
@@ -66,15 +72,16 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if not stat.S_ISDIR(st.st_mode):
                 node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
                 node.upper = True
-                if ino and st.st_nlink > 1 and index.lookup(ovl, ino, st) is not None:
-                    node.index = index.name_of(node)
+                fh = marks.get(b"origin")
+                if st.st_nlink > 1 and fh and index.lookup(ovl, origin.index_name(fh), st):
+                    node.index = origin.index_name(fh)
                 elif b"nlink" in marks:
                     node.nlink_override = _kernel_nlink(marks[b"nlink"], st)
                 return node, st
             top = st
             node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFDIR)
             node.upper = True
-            if fmt.opaque_in(marks):
+            if fmt.opaque_in(marks) or fmt.has_opaque_marker(udir, name):
                 node.opaque = True
                 return node, st
             redirect = marks.get(b"redirect")
@@ -99,8 +106,8 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             continue
         st = _lstat(dfd, entry)
         if st is None:
-            if _lstat(dfd, fmt.WH_PREFIX + entry) is not None:
-                break  # OCI whiteout
+            if _oci_whiteout(dfd, entry):
+                break
             continue
         if _is_whiteout(dfd, entry, st):
             break
@@ -136,11 +143,12 @@ def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
     ino = _saved_ino(fmt.overlay_xattrs(dirfd, name)) if _may_carry_ino(st) else None
     node = Node(ino or ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
     node.lower = [(li, path)]
-    if st.st_nlink > 1:
+    if st.st_nlink > 1 and ovl.index_fd >= 0:
         # an earlier copy-up of another name of this inode holds the current data
-        ist = index.lookup(ovl, node.ino)
+        fh = ovl.origin_of(li, dirfd, name)
+        ist = index.lookup(ovl, origin.index_name(fh)) if fh else None
         if ist is not None:
-            node.index = index.name_of(node)
+            node.index = origin.index_name(fh)
             return node, ist
     return node, st
 

@@ -11,11 +11,12 @@ import pyfuse3
 
 from .. import format as fmt
 from ..spec import OverlaySpec
+from . import origin
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, split
 
 WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
-INDEX_SUBDIR = b"ovf-index"    # hard-link index: one name per copied-up multiply-linked file
+INDEX_SUBDIR = b"index"        # hard-link index, where and as the kernel keeps it
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Overlay:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
+        self._uuids: dict[int, bytes] = {}
         self._listings: OrderedDict[int, list[bytes]] = OrderedDict()
         self._listed_names = 0
         root = Node(ROOT, stat.S_IFDIR)
@@ -101,6 +103,13 @@ class Overlay:
         if ino <= ROOT:
             ino |= 1 << 63
         return ino
+
+    def origin_of(self, layer: int, dirfd: int, name: bytes) -> bytes | None:
+        """The kernel's origin value for a lower entry (see origin.py)."""
+        uuid = self._uuids.get(layer)
+        if uuid is None:
+            uuid = self._uuids[layer] = origin.fs_uuid(self.layers[layer].root_fd)
+        return origin.encode(dirfd, name, uuid)
 
     # -- backing locations -----------------------------------------------------------------
     def upper_dirfd(self, node: Node) -> int:
@@ -158,9 +167,12 @@ def _prepare_workdir(workdir: str) -> tuple[int, int]:
         fds = []
         for sub in (WORK_SUBDIR, INDEX_SUBDIR):
             try:
+                st = os.stat(sub, dir_fd=root, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    os.unlink(sub, dir_fd=root)  # never follow a planted link: replace it
+                    raise FileNotFoundError
+            except FileNotFoundError:
                 os.mkdir(sub, 0o700, dir_fd=root)
-            except FileExistsError:
-                pass
             fds.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                dir_fd=root))
         _clean_tree(fds[0])

@@ -31,7 +31,6 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
     hidden: set[bytes] = set()
     names: list[bytes] = []
     for layer, path in sources:
-        is_lower = layer != 0 or ovl.upper is None
         try:
             fd = openat2_beneath(ovl.layers[layer].root_fd, path or b".",
                                  os.O_RDONLY | os.O_DIRECTORY)
@@ -44,7 +43,7 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
                     name = os.fsencode(entry.name)
                     if name in seen or name in hidden:
                         continue
-                    if name.startswith(fmt.WH_PREFIX) and is_lower:
+                    if name.startswith(fmt.WH_PREFIX):
                         if name != fmt.OPAQUE_MARKER:
                             hidden.add(name[len(fmt.WH_PREFIX):])
                         continue
