@@ -130,6 +130,10 @@ class _CopyJob:
         node.upper = True
         self._counted()
         self.done = True
+        if node.is_dir and node.lookups > 0:
+            # it is a merged directory now, whose link count the kernel reports as 1: drop the
+            # attributes the kernel cached (attributes only: no locks, safe inside a request)
+            pyfuse3.invalidate_inode(node.ino, attr_only=True)
 
     def _counted(self) -> None:
         """An indexed copy now has its final links: record its names (all lower ones)."""

@@ -17,7 +17,8 @@ import pyfuse3
 
 from .. import format as fmt
 from . import index
-from .copy_up import copy_up, copy_up_name, copy_up_to_index, ensure_upper_dir, temp_name
+from .copy_up import (copy_up, copy_up_name, copy_up_to_index, ensure_upper_dir, mark_impure,
+                      temp_name)
 from .inodes import Node
 from .layers import join
 from .namei import _lstat, _oci_whiteout, check_name, resolve
@@ -186,6 +187,7 @@ def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.
             _install(ovl, udir, name, tmp, False)
         else:
             os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=udir, follow_symlinks=False)
+    mark_impure(ovl, udir)  # the new name carries the copy's origin
     return _finish_new(ovl, parent, name)
 
 
@@ -342,6 +344,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
         else:
             _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout,
                             ovl.prefix)
+    mark_impure(ovl, new_udir)  # it may now hold an entry with an origin or a redirect
     gone = ovl.table.unbind(new_parent, new_name)
     if gone is not None and gone is not src and gone.open_count and not gone.aliases:
         gone.nlink_override = 0
@@ -383,6 +386,8 @@ def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,
         if node.is_dir:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))
     renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
+    mark_impure(ovl, old_udir)
+    mark_impure(ovl, new_udir)
     ovl.table.unbind(old_parent, old_name)
     ovl.table.unbind(new_parent, new_name)
     for parent, name, node in ((new_parent, new_name, src), (old_parent, old_name, dst)):

@@ -74,6 +74,8 @@ async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
     if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
         ovl.require_writable()
         await copy_up_async(ovl, node)
+        if flags & os.O_TRUNC:
+            ovl.changed(node)
     fd = open_backing(ovl, node, flags)
     return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
 

@@ -68,7 +68,7 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if _is_whiteout(udir, name, st):
                 return None
             marks = fmt.overlay_xattrs(udir, name)
-            ino = _saved_ino(marks)
+            ino = _saved_ino(marks) or _origin_ino(ovl, marks)
             if not stat.S_ISDIR(st.st_mode):
                 node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
                 node.upper = True
@@ -151,6 +151,27 @@ def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
             node.index = origin.index_name(fh)
             return node, ist
     return node, st
+
+
+def _origin_ino(ovl: Overlay, marks: dict[bytes, bytes]) -> int | None:
+    """The inode number of an entry the kernel copied up: that of its lower origin, as the
+    kernel reports it (entries copied up here carry ``ovf.ino`` instead)."""
+    value = marks.get(b"origin")
+    if not value:
+        return None
+    parts = origin.decode(value)
+    if parts is None:
+        return None
+    for li in ovl.lower_indexes:
+        if ovl.layer_uuid(li) != parts[1]:
+            continue
+        fd = origin.open_origin(value, ovl.layers[li].root_fd)
+        if fd is not None:
+            try:
+                return ovl.encode_ino(li, os.fstat(fd).st_ino)
+            finally:
+                os.close(fd)
+    return None
 
 
 def _kernel_nlink(value: bytes, st: os.stat_result) -> int | None:

@@ -58,3 +58,30 @@ def encode(dirfd: int, name: bytes, uuid: bytes) -> bytes | None:
 def index_name(origin: bytes) -> bytes:
     """The kernel's name for the index entry of the inode with this origin."""
     return origin.hex().encode()
+
+
+def decode(value: bytes) -> tuple[int, bytes, bytes] | None:
+    """(handle type, filesystem UUID, handle bytes) of an origin value, or None if malformed."""
+    if len(value) < 21 or value[0] != _VERSION or value[1] != _MAGIC or value[2] != len(value):
+        return None
+    return value[4], value[5:21], value[21:]
+
+
+def open_origin(value: bytes, mount_fd: int) -> int | None:
+    """Open (O_PATH) the inode an origin names, on the filesystem of ``mount_fd``; needs
+    CAP_DAC_READ_SEARCH, so it answers None for an unprivileged daemon."""
+    parts = decode(value)
+    if parts is None:
+        return None
+    handle_type, _uuid, fid = parts
+    handle = _FileHandle()
+    handle.handle_bytes = len(fid)
+    handle.handle_type = handle_type
+    ctypes.memmove(handle.f_handle, fid, len(fid))
+    # the mount fd must be a real open file: an O_PATH fd is refused with EBADF
+    mount = os.open(b"/proc/self/fd/%d" % mount_fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _libc.open_by_handle_at(mount, ctypes.byref(handle), os.O_PATH | os.O_CLOEXEC)
+    finally:
+        os.close(mount)
+    return fd if fd >= 0 else None

@@ -104,12 +104,15 @@ class Overlay:
             ino |= 1 << 63
         return ino
 
-    def origin_of(self, layer: int, dirfd: int, name: bytes) -> bytes | None:
-        """The kernel's origin value for a lower entry (see origin.py)."""
+    def layer_uuid(self, layer: int) -> bytes:
         uuid = self._uuids.get(layer)
         if uuid is None:
             uuid = self._uuids[layer] = origin.fs_uuid(self.layers[layer].root_fd)
-        return origin.encode(dirfd, name, uuid)
+        return uuid
+
+    def origin_of(self, layer: int, dirfd: int, name: bytes) -> bytes | None:
+        """The kernel's origin value for a lower entry (see origin.py)."""
+        return origin.encode(dirfd, name, self.layer_uuid(layer))
 
     # -- backing locations -----------------------------------------------------------------
     def upper_dirfd(self, node: Node) -> int:
