@@ -10,9 +10,11 @@ import errno
 import os
 import stat
 
+# One namespace per mount, as the kernel: trusted.overlay.* as root, user.overlay.* for a user
+# (or with the userxattr option).  The other namespace's names are ordinary xattrs, never
+# markers, so a user cannot forge markers for a root mount through user.* xattrs.
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
-PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
 
 # OCI/aufs whiteout forms, read (never written) so container layers mount as they are.
 WH_PREFIX = b".wh."
@@ -24,14 +26,14 @@ OPAQUE_MARKER = b".wh..wh..opq"
 INO_XATTR = b"ovf.ino"
 
 
-def default_prefix() -> bytes:
-    """The namespace the kernel would use for this process: trusted as root, user otherwise."""
-    return TRUSTED_PREFIX if os.geteuid() == 0 else USER_PREFIX
+def default_prefix(userxattr: bool = False) -> bytes:
+    """The namespace the kernel would use: trusted as root, user otherwise or with userxattr."""
+    return TRUSTED_PREFIX if os.geteuid() == 0 and not userxattr else USER_PREFIX
 
 
-def is_private_xattr(name: bytes) -> bool:
-    """Overlay bookkeeping that users never see through the mount (as the kernel hides it)."""
-    return name.startswith(TRUSTED_PREFIX) or name.startswith(USER_PREFIX)
+def is_private_xattr(name: bytes, prefix: bytes) -> bool:
+    """Overlay bookkeeping in the mount's namespace: never copied up as user data."""
+    return name.startswith(prefix)
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
@@ -61,8 +63,8 @@ def get_xattr(dirfd: int, name: bytes, attr: bytes) -> bytes | None:
         raise
 
 
-def overlay_xattrs(dirfd: int, name: bytes) -> dict[bytes, bytes]:
-    """All overlay xattrs of an entry, keyed without their namespace prefix.
+def overlay_xattrs(dirfd: int, name: bytes, prefix: bytes) -> dict[bytes, bytes]:
+    """All overlay xattrs of an entry in the mount's namespace, keyed without the prefix.
 
     One listxattr answers "none" for most entries, which keeps lookups to a syscall or two.
     """
@@ -76,16 +78,12 @@ def overlay_xattrs(dirfd: int, name: bytes) -> dict[bytes, bytes]:
     found: dict[bytes, bytes] = {}
     for attr in names:
         battr = attr.encode("utf-8", "surrogateescape")
-        for prefix in PRIVATE_PREFIXES:
-            if battr.startswith(prefix):
-                key = battr[len(prefix):]
-                if key in found:
-                    continue
-                try:
-                    found[key] = os.getxattr(path, battr, follow_symlinks=not name)
-                except OSError as e:
-                    if e.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
-                        raise
+        if battr.startswith(prefix):
+            try:
+                found[battr[len(prefix):]] = os.getxattr(path, battr, follow_symlinks=not name)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
+                    raise
     return found
 
 
@@ -104,43 +102,29 @@ def has_opaque_marker(dirfd: int, name: bytes) -> bool:
     return True
 
 
-def get_overlay_xattr(dirfd: int, name: bytes, key: bytes) -> bytes | None:
-    """Read an overlay xattr in either namespace (layers may come from root or from a user)."""
-    for prefix in PRIVATE_PREFIXES:
-        value = get_xattr(dirfd, name, prefix + key)
-        if value is not None:
-            return value
-    return None
+def get_overlay_xattr(dirfd: int, name: bytes, key: bytes, prefix: bytes | None = None) -> bytes | None:
+    """Read an overlay xattr in the mount's namespace (default: this process's, as the kernel)."""
+    return get_xattr(dirfd, name, (prefix or default_prefix()) + key)
 
 
 def set_overlay_xattr(dirfd: int, name: bytes, prefix: bytes, key: bytes, value: bytes) -> None:
     os.setxattr(proc_path(dirfd, name), prefix + key, value, follow_symlinks=not name)
 
 
-def is_opaque(dirfd: int, name: bytes) -> bool:
+def is_opaque(dirfd: int, name: bytes, prefix: bytes) -> bool:
     """An opaque dir hides everything below it: xattr ``opaque=y`` or the OCI marker file.
 
     The value ``x`` (kernel 6.7) only says the dir may hold xattr whiteouts; it is not opaque.
     """
-    if get_overlay_xattr(dirfd, name, b"opaque") == b"y":
-        return True
-    path = name + b"/" + OPAQUE_MARKER if name else OPAQUE_MARKER
-    try:
-        os.stat(path, dir_fd=dirfd, follow_symlinks=False)
-    except OSError:
-        return False
-    return True
+    return get_overlay_xattr(dirfd, name, b"opaque", prefix) == b"y" or \
+        has_opaque_marker(dirfd, name)
 
 
-def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
+def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result,
+                      prefix: bytes | None = None) -> bool:
     """The kernel's whiteout for nested overlays: an empty regular file with ``whiteout``."""
     return (stat.S_ISREG(st.st_mode) and st.st_size == 0
-            and get_overlay_xattr(dirfd, name, b"whiteout") is not None)
-
-
-def read_redirect(dirfd: int, name: bytes) -> bytes | None:
-    """Where a renamed directory's lower part lives: ``/abs/path`` or a sibling name."""
-    return get_overlay_xattr(dirfd, name, b"redirect")
+            and get_overlay_xattr(dirfd, name, b"whiteout", prefix) is not None)
 
 
 def make_whiteout(dirfd: int, name: bytes, prefix: bytes) -> bool:
@@ -168,5 +152,5 @@ def make_whiteout(dirfd: int, name: bytes, prefix: bytes) -> bool:
 
 def mark_xattr_whiteouts(dirfd: int, prefix: bytes) -> None:
     """Flag a directory as holding xattr whiteouts (``opaque=x``) unless it is opaque anyway."""
-    if get_overlay_xattr(dirfd, b"", b"opaque") != b"y":
+    if get_overlay_xattr(dirfd, b"", b"opaque", prefix) != b"y":
         set_overlay_xattr(dirfd, b"", prefix, b"opaque", b"x")

@@ -55,12 +55,14 @@ _SAME_ERRNO = dict(reversed(i.split("=", 1)) for i in IGNORE if "=" in i and not
 SUT = os.environ.get("OVF_DIFF_SUT", "overlayfuse")
 
 
-def sut_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path) -> ContextManager[Any]:
-    """Mount the system under test; every choice unmounts on exit, even on failure."""
+def sut_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt: Path,
+              extra: Sequence[str] = ()) -> ContextManager[Any]:
+    """Mount the system under test; every choice unmounts on exit, even on failure.  ``extra``
+    overlay options (such as ``userxattr``) reach overlayfuse only."""
     import mounts  # the fixtures module; imported late so this module stays mount-free to import
 
     if SUT == "overlayfuse":
-        return mounts.overlayfuse_mount(lowers, upper, work, mnt)
+        return mounts.overlayfuse_mount(lowers, upper, work, mnt, extra=tuple(extra))
     if SUT == "fuse-overlayfs":
         return mounts.fuse_overlayfs_mount(lowers, upper, work, mnt)
     if SUT == "kernel":

@@ -173,13 +173,14 @@ def test_oci_form_reads_like_kernel_form(tmp_path: Path) -> None:
 
 @NOT_KERNEL
 def test_user_namespace_matches_kernel_userxattr(tmp_path: Path) -> None:
-    """The kernel's `userxattr` option reads `user.overlay.*`; so must the system under test."""
+    """The kernel's `userxattr` option reads `user.overlay.*`; so must the system under test
+    given the same option (without it, as root, those are ordinary xattrs, as for the kernel)."""
     lowers = _layer_pair(tmp_path / "user", "user")
     (tmp_path / "km").mkdir()
     (tmp_path / "sm").mkdir()
     with kernel_overlay(lowers, None, None, tmp_path / "km", opts="userxattr"):
         oracle = snapshot_tree(tmp_path / "km")
-    with sut_mount(lowers, None, None, tmp_path / "sm"):
+    with sut_mount(lowers, None, None, tmp_path / "sm", extra=("userxattr",)):
         got = snapshot_tree(tmp_path / "sm")
     _assert_same(oracle, got, f"user.overlay layers read by {SUT}")
 

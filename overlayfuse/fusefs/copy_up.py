@@ -215,7 +215,7 @@ def copy_metadata(ovl: Overlay, src_dir: int, src_name: bytes, dst_dir: int, dst
         os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
     except PermissionError:
         pass  # an unprivileged daemon owns what it creates, as fuse-overlayfs does
-    copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path)
+    copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path, ovl.prefix)
     _set_private(ovl, dst_dir, dst_name, fmt.INO_XATTR, b"%d" % ino)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
@@ -233,11 +233,11 @@ def _set_private(ovl: Overlay, dirfd: int, name: bytes, key: bytes, value: bytes
 def mark_impure(ovl: Overlay, udir: int) -> None:
     """Tell the kernel this upper dir holds copied-up or moved entries (``impure``): it then
     looks up their origin for inode numbers in readdir, as it does for its own."""
-    if fmt.get_overlay_xattr(udir, b"", b"impure") is None:
+    if fmt.get_overlay_xattr(udir, b"", b"impure", ovl.prefix) is None:
         _set_private(ovl, udir, b"", b"impure", b"y")
 
 
-def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
+def copy_xattrs(src_path: bytes, dst_path: bytes, prefix: bytes) -> None:
     try:
         names = os.listxattr(src_path, follow_symlinks=False)
     except OSError as e:
@@ -246,7 +246,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
         raise
     for attr in names:
         battr = attr.encode() if isinstance(attr, str) else attr
-        if fmt.is_private_xattr(battr):
+        if fmt.is_private_xattr(battr, prefix):
             continue
         try:
             value = os.getxattr(src_path, battr, follow_symlinks=False)

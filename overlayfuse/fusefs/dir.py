@@ -67,13 +67,14 @@ def lower_positive(ovl: Overlay, parent: Node, name: bytes) -> bool:
             if _oci_whiteout(dfd, name):
                 return False
             continue
-        return not (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dfd, name, st))
+        return not (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dfd, name, st, ovl.prefix))
     return False
 
 
-def _upper_is_whiteout(udir: int, name: bytes) -> bool:
+def _upper_is_whiteout(ovl: Overlay, udir: int, name: bytes) -> bool:
     st = _lstat(udir, name)
-    return st is not None and (fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(udir, name, st))
+    return st is not None and (fmt.is_whiteout_stat(st)
+                               or fmt.is_xattr_whiteout(udir, name, st, ovl.prefix))
 
 
 def _prepare_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
@@ -85,7 +86,7 @@ def _prepare_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[int, bool]:
     ovl.require_writable()
     ovl.changed(parent, listing=True)
     udir = ensure_upper_dir(ovl, parent)
-    return udir, _upper_is_whiteout(udir, name)
+    return udir, _upper_is_whiteout(ovl, udir, name)
 
 
 def _install(ovl: Overlay, udir: int, name: bytes, tmp: bytes, is_dir: bool) -> None:

@@ -45,7 +45,7 @@ def add(ovl: Overlay, work_name: bytes, node: Node, index_name: bytes) -> None:
 
 def nlink(ovl: Overlay, node: Node) -> int | None:
     """The merged link count of an indexed inode."""
-    value = fmt.get_overlay_xattr(ovl.index_fd, node.index, NLINK_XATTR)
+    value = fmt.get_overlay_xattr(ovl.index_fd, node.index, NLINK_XATTR, ovl.prefix)
     if value is None or value[:1] != b"U":
         return None
     try:

@@ -27,8 +27,8 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _is_whiteout(dirfd: int, name: bytes, st: os.stat_result) -> bool:
-    return fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dirfd, name, st)
+def _is_whiteout(ovl: Overlay, dirfd: int, name: bytes, st: os.stat_result) -> bool:
+    return fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dirfd, name, st, ovl.prefix)
 
 
 def _oci_whiteout(dirfd: int, name: bytes) -> bool:
@@ -65,9 +65,9 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
         if st is None and _oci_whiteout(udir, name):
             return None
         if st is not None:
-            if _is_whiteout(udir, name, st):
+            if _is_whiteout(ovl, udir, name, st):
                 return None
-            marks = fmt.overlay_xattrs(udir, name)
+            marks = fmt.overlay_xattrs(udir, name, ovl.prefix)
             ino = _saved_ino(marks) or _origin_ino(ovl, marks)
             if not stat.S_ISDIR(st.st_mode):
                 node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
@@ -109,14 +109,14 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if _oci_whiteout(dfd, entry):
                 break
             continue
-        if _is_whiteout(dfd, entry, st):
+        if _is_whiteout(ovl, dfd, entry, st):
             break
         if not stat.S_ISDIR(st.st_mode):
             if top is None:
                 return _lower_nondir(ovl, dfd, entry, li, join(dir_path, entry), st)
             break  # a non-directory below a directory ends the merge
         stack.append((li, join(dir_path, entry)))
-        marks = fmt.overlay_xattrs(dfd, entry)
+        marks = fmt.overlay_xattrs(dfd, entry, ovl.prefix)
         if top is None:
             top = st
             node = Node(_saved_ino(marks) or ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
@@ -140,7 +140,7 @@ def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
                   st: os.stat_result) -> tuple[Node, os.stat_result]:
     # a lower layer may be a former upper (layer store snapshots): its copied-up entries keep
     # the inode number they had when they were copied up
-    ino = _saved_ino(fmt.overlay_xattrs(dirfd, name)) if _may_carry_ino(st) else None
+    ino = _saved_ino(fmt.overlay_xattrs(dirfd, name, ovl.prefix)) if _may_carry_ino(st) else None
     node = Node(ino or ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
     node.lower = [(li, path)]
     if st.st_nlink > 1 and ovl.index_fd >= 0:

@@ -39,7 +39,7 @@ class Overlay:
         self.upper: Layer | None = self.layers[0] if spec.upperdir else None
         self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
         self.dirfds = DirFds(self.layers)
-        self.prefix = fmt.default_prefix()
+        self.prefix = fmt.default_prefix(userxattr=any(k == "userxattr" for k, _ in spec.options))
         devs: list[int] = []
         for layer in self.layers:
             if layer.dev not in devs:
@@ -58,7 +58,7 @@ class Overlay:
         root = Node(ROOT, stat.S_IFDIR)
         root.upper = self.upper is not None
         root.lower = [(i, b"") for i in self.lower_indexes]
-        if self.upper is not None and fmt.is_opaque(self.upper.root_fd, b""):
+        if self.upper is not None and fmt.is_opaque(self.upper.root_fd, b"", self.prefix):
             root.lower = []
         self.table = InodeTable(root)
 

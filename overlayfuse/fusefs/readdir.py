@@ -37,7 +37,7 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
         except OSError:
             continue
         try:
-            xattr_whiteouts = fmt.get_overlay_xattr(fd, b"", b"opaque") == b"x"
+            xattr_whiteouts = fmt.get_overlay_xattr(fd, b"", b"opaque", ovl.prefix) == b"x"
             with os.scandir(fd) as it:
                 for entry in it:
                     name = os.fsencode(entry.name)
@@ -47,7 +47,7 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
                         if name != fmt.OPAQUE_MARKER:
                             hidden.add(name[len(fmt.WH_PREFIX):])
                         continue
-                    if _is_whiteout_entry(fd, name, entry, xattr_whiteouts):
+                    if _is_whiteout_entry(fd, name, entry, xattr_whiteouts, ovl.prefix):
                         hidden.add(name)
                         continue
                     seen.add(name)
@@ -57,14 +57,15 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
     return names
 
 
-def _is_whiteout_entry(fd: int, name: bytes, entry: os.DirEntry, xattr_whiteouts: bool) -> bool:
+def _is_whiteout_entry(fd: int, name: bytes, entry: os.DirEntry, xattr_whiteouts: bool,
+                       prefix: bytes) -> bool:
     if entry.is_dir(follow_symlinks=False) or entry.is_symlink():
         return False
     if entry.is_file(follow_symlinks=False):
         if not xattr_whiteouts:
             return False
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        return fmt.is_xattr_whiteout(fd, name, st)
+        return fmt.is_xattr_whiteout(fd, name, st, prefix)
     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
     return fmt.is_whiteout_stat(st)
 

@@ -31,16 +31,8 @@ def _real_name(ovl: Overlay, name: bytes) -> bytes:
     return name
 
 
-def _other_namespace(ovl: Overlay, name: bytes) -> bool:
-    """Markers of the namespace not in use are read too (layers may come from root or from a
-    user), so they are hidden as well, and cannot be set."""
-    return fmt.is_private_xattr(name) and not name.startswith(ovl.prefix)
-
-
 def _shown_name(ovl: Overlay, real: bytes) -> bytes | None:
     """The name a caller sees for a stored one, or None for the overlay's own markers."""
-    if _other_namespace(ovl, real):
-        return None
     if not real.startswith(ovl.prefix):
         return real
     rest = real[len(ovl.prefix):]
@@ -56,8 +48,6 @@ def _no_attr(e: OSError) -> None:
 
 
 def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
-    if _other_namespace(ovl, name):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     path, follow = _target(ovl, node)
     try:
         return os.getxattr(path, _real_name(ovl, name), follow_symlinks=follow)
@@ -72,8 +62,6 @@ def listxattr(ovl: Overlay, node: Node) -> list[bytes]:
 
 
 def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
-    if _other_namespace(ovl, name):
-        raise pyfuse3.FUSEError(errno.EPERM)
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
@@ -82,8 +70,6 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
 
 
 def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
-    if _other_namespace(ovl, name):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     ovl.require_writable()
     getxattr(ovl, node, name)  # as the kernel: a missing name fails before any copy-up
     copy_up(ovl, node)

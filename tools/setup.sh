@@ -1,0 +1,66 @@
+#!/bin/bash
+# Set up overlayfuse for development on Debian 12: system packages (only those missing), a venv
+# in .venv made from Debian's python3, and an editable install with the test and bench extras.
+# Idempotent and quiet; prints errors (with the failing command's output) and exits non-zero.
+# As root it also links /usr/local/bin/overlayfuse to the venv's script, so that
+# `mount -t fuse.overlayfuse` (whose helper runs with a fixed PATH) finds it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+log=$(mktemp /tmp/overlayfuse-setup.XXXXXX)
+trap 'rm -f "$log"' EXIT
+
+fail() { echo "setup: $1" >&2; [ -s "$log" ] && tail -n 30 "$log" >&2; exit 1; }
+
+pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr fuse-overlayfs util-linux)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || fail "missing Debian packages: ${missing[*]} (run this script as root, or install them)"
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q </dev/null >"$log" 2>&1 || fail "apt-get update failed"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null >"$log" 2>&1 \
+    || fail "apt-get install ${missing[*]} failed"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  /usr/bin/python3 -m venv .venv >"$log" 2>&1 || fail "python3 -m venv .venv failed"
+fi
+
+# reinstall only when the package metadata changed (the install is editable: code changes need
+# nothing) or the install is broken
+stamp=.venv/.overlayfuse-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c 'import overlayfuse, pyfuse3, trio, pytest' 2>/dev/null; then
+  echo "setup: installing overlayfuse into .venv (pip install -e '.[test,bench]')"
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check --retries 2 --timeout 20 \
+       -e '.[test,bench]' </dev/null >"$log" 2>&1; then
+    # No PyPI (offline, or a proxy whose certificate this machine does not trust): fall back to
+    # Debian's builds of the dependencies, seen through the venv, and install only our package.
+    grep -qiE 'ssl|connection|resolve|no matching distribution|could not find a version' "$log" \
+      || fail "pip install -e '.[test,bench]' failed"
+    [ "$(id -u)" = 0 ] || fail "PyPI unreachable and not root: cannot install Debian's python3-pyfuse3 etc."
+    echo "setup: PyPI unreachable; using Debian's python3-pyfuse3, python3-trio, python3-pytest, ..."
+    export DEBIAN_FRONTEND=noninteractive
+    deb=(python3-pyfuse3 python3-trio python3-pytest python3-hypothesis python3-matplotlib python3-setuptools python3-wheel)
+    { apt-get update -q && apt-get install -y -q --no-install-recommends "${deb[@]}"; } </dev/null >"$log" 2>&1 \
+      || fail "apt-get install ${deb[*]} failed"
+    sed -i 's/^include-system-site-packages = false/include-system-site-packages = true/' .venv/pyvenv.cfg
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps \
+      --no-build-isolation -e . </dev/null >"$log" 2>&1 || fail "pip install --no-index -e . failed"
+  fi
+  echo "$want" > $stamp
+fi
+
+link=/usr/local/bin/overlayfuse
+if [ "$(id -u)" = 0 ] && [ -x .venv/bin/overlayfuse ]; then
+  # the checkout being set up is the one mount(8) must run; never replace a real file
+  if [ -L "$link" ] || [ ! -e "$link" ]; then
+    ln -sfn "$repo/.venv/bin/overlayfuse" "$link"
+  fi
+fi
+exit 0
