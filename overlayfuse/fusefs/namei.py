@@ -100,13 +100,18 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if dir_path is None:
                 continue
             entry = lookup_name
+        names = ovl.lower_names(li, dir_path)
+        if names is not None and entry not in names:
+            if fmt.WH_PREFIX + entry in names:
+                break  # OCI whiteout
+            continue
         try:
             dfd = ovl.dirfds.get(li, dir_path)
         except OSError:
             continue
         st = _lstat(dfd, entry)
         if st is None:
-            if _oci_whiteout(dfd, entry):
+            if names is None and _oci_whiteout(dfd, entry):
                 break
             continue
         if _is_whiteout(ovl, dfd, entry, st):

@@ -13,7 +13,7 @@ from .. import format as fmt
 from ..spec import OverlaySpec
 from . import origin
 from .inodes import ROOT, InodeTable, Node
-from .layers import DirFds, Layer, join, open_layers, split
+from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
 
 WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
 INDEX_SUBDIR = b"index"        # hard-link index, where and as the kernel keeps it
@@ -53,6 +53,9 @@ class Overlay:
         self.handles_by_ino: dict[int, list] = {}
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
+        self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
+        self._lower_names_count = 0
+        self._lower_misses: dict[tuple[int, bytes], int] = {}
         self._listings: OrderedDict[int, list[bytes]] = OrderedDict()
         self._listed_names = 0
         root = Node(ROOT, stat.S_IFDIR)
@@ -94,6 +97,42 @@ class Overlay:
         while self._listed_names > self.LISTING_BUDGET:
             _, old = self._listings.popitem(last=False)
             self._listed_names -= len(old)
+
+    # Lower layers never change under a mount, so their directories' names can be kept for
+    # good (within a budget): a lookup through many layers then costs a set lookup per layer
+    # that lacks the name instead of a syscall.  Built for a directory once lookups miss in it
+    # a few times, so a single lookup never pays for reading a whole directory.
+    LOWER_NAMES_BUDGET = 1_000_000
+    LOWER_NAMES_AFTER_MISSES = 4
+
+    def lower_names(self, layer: int, path: bytes) -> frozenset[bytes] | None:
+        key = (layer, path)
+        names = self._lower_names.get(key)
+        if names is not None:
+            self._lower_names.move_to_end(key)
+            return names
+        misses = self._lower_misses.get(key, 0) + 1
+        self._lower_misses[key] = misses
+        if misses < self.LOWER_NAMES_AFTER_MISSES:
+            return None
+        del self._lower_misses[key]
+        try:
+            fd = openat2_beneath(self.layers[layer].root_fd, path or b".",
+                                 os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            names = frozenset(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+        self._lower_names[key] = names
+        self._lower_names_count += len(names)
+        while self._lower_names_count > self.LOWER_NAMES_BUDGET and len(self._lower_names) > 1:
+            _, old = self._lower_names.popitem(last=False)
+            self._lower_names_count -= len(old)
+        if len(self._lower_misses) > 65536:
+            self._lower_misses.clear()
+        return names
 
     # -- inode numbers -------------------------------------------------------------------
     def encode_ino(self, layer: int, real_ino: int) -> int:
