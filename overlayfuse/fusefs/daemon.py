@@ -18,7 +18,6 @@ import trio
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
-from . import fastloop
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -106,8 +105,6 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
-        if os.environ.get("OVERLAYFUSE_FAST_LOOP") == "1":  # lever under measurement (bench)
-            fastloop.install()
         trio.run(_main)
     finally:
         pyfuse3.close(unmount=True)
