@@ -125,6 +125,14 @@ class Overlay:
             names = frozenset(os.fsencode(n) for n in os.listdir(fd))
         finally:
             os.close(fd)
+        self.remember_lower_names(layer, path, names)
+        return names
+
+    def remember_lower_names(self, layer: int, path: bytes, names: frozenset[bytes]) -> None:
+        """Keep a lower dir's names (readdir has just read them anyway)."""
+        key = (layer, path)
+        if key in self._lower_names or len(names) > self.LOWER_NAMES_BUDGET // 4:
+            return
         self._lower_names[key] = names
         self._lower_names_count += len(names)
         while self._lower_names_count > self.LOWER_NAMES_BUDGET and len(self._lower_names) > 1:
@@ -132,7 +140,6 @@ class Overlay:
             self._lower_names_count -= len(old)
         if len(self._lower_misses) > 65536:
             self._lower_misses.clear()
-        return names
 
     # -- inode numbers -------------------------------------------------------------------
     def encode_ino(self, layer: int, real_ino: int) -> int:

@@ -38,9 +38,11 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
             continue
         try:
             xattr_whiteouts = fmt.get_overlay_xattr(fd, b"", b"opaque", ovl.prefix) == b"x"
+            here: set[bytes] = set()
             with os.scandir(fd) as it:
                 for entry in it:
                     name = os.fsencode(entry.name)
+                    here.add(name)
                     if name in seen or name in hidden:
                         continue
                     if name.startswith(fmt.WH_PREFIX):
@@ -52,6 +54,8 @@ def merged_names(ovl: Overlay, node: Node) -> list[bytes]:
                         continue
                     seen.add(name)
                     names.append(name)
+            if layer != 0 or ovl.upper is None:
+                ovl.remember_lower_names(layer, path, frozenset(here))
         finally:
             os.close(fd)
     return names
