@@ -1,0 +1,38 @@
+"""``overlayfuse check``: the probe's report on the command line, as text or JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import OverlayfuseError
+from .api import probe
+
+
+def add_check_parser(subparsers: "argparse._SubParsersAction") -> "argparse.ArgumentParser":
+    """``overlayfuse check``."""
+    p = subparsers.add_parser(
+        "check", help="which backends work here, and why not",
+        description="Try each backend (kernel, kernel-userns, fuse) with a tiny real overlay in "
+                    "a scratch dir on the filesystem of DIR and say which work and why not.")
+    p.add_argument("--upper", metavar="DIR",
+                   help="a directory on the filesystem for upper layers (default: the current "
+                        "dir, or the temp dir when that is not writable)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--refresh", action="store_true", help="ignore cached verdicts, probe again")
+    p.set_defaults(func=cmd_check)
+    return p
+
+
+def cmd_check(args: "argparse.Namespace") -> int:
+    """Exit 0 when at least one backend can serve a mount, 1 otherwise."""
+    try:
+        report = probe(args.upper, refresh=args.refresh)
+    except OverlayfuseError as e:
+        print(f"overlayfuse: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text())
+    return 0 if report.can_mount() else 1
