@@ -203,7 +203,8 @@ def _trial_fuse(scratch: str, lowers: list[str], facts: Facts) -> tuple[bool, st
     try:
         ok, reason = in_child(lambda: exercise(merged) or "the FUSE daemon mounts and serves")
     finally:
-        unmount_fuse(merged, pid, wait=False)
+        # wait: the daemon must be gone before the scratch dir (its work dir) is removed
+        unmount_fuse(merged, pid)
     if not ok:
         return False, f"the FUSE trial failed: {reason}"
     return _upper_verdict(upper, lowers, reason, allow_xattr_whiteout=True)

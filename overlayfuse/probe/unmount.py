@@ -18,9 +18,9 @@ def unmount_fuse(mountpoint: str, pid: int | None, timeout: float = 10.0,
                  wait: bool = True) -> None:
     """Unmount a FUSE mount and wait for its daemon to exit; escalate so nothing stays.
 
-    ``wait=False`` leaves the wait (and the SIGTERM/SIGKILL after ``timeout``) to a background
-    thread: once unmounted the daemon only has to exit, which takes it up to two seconds, and
-    the probe must not pay for that.
+    Once unmounted the daemon exits within milliseconds (it is reaped later by init, which can
+    take seconds here: a zombie counts as gone).  ``wait=False`` leaves the wait, and the
+    SIGTERM/SIGKILL after ``timeout``, to a background thread.
     """
     for attempt in range(20):
         if not sysmount.is_mountpoint(mountpoint):
@@ -66,8 +66,16 @@ def wait_pid_gone(pid: int, timeout: float) -> None:
                     return
             except ChildProcessError:
                 pass  # not our child: poll for its existence
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if _exited(pid):
                 return
             time.sleep(0.01)
+
+
+def _exited(pid: int) -> bool:
+    """Gone or a zombie: a daemon double-forked by mount_fuse is reaped by init, not by us."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
