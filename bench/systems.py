@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from overlayfuse.sysmount.fsinfo import unescape_mountinfo
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,25 +51,13 @@ class Mounted:
 # /proc helpers
 
 
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
 def mountpoints() -> list[tuple[str, str]]:
     """(mount point, fstype) of every mount in this namespace."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            out.append((_unescape(left.split(" ")[4]), right.split(" ")[0]))
+            out.append((unescape_mountinfo(left.split(" ")[4]), right.split(" ")[0]))
     return out
 
 

@@ -62,7 +62,7 @@ def _writable_layers(spec: OverlaySpec, writable: bool,
     remove: list[str] = []
     try:
         if keep_upper is None:
-            from .backends.kernel import run_dir
+            from .backends.base import run_dir
             base = tempfile.mkdtemp(prefix="overlayfuse-writable-", dir=_scratch_base(run_dir()))
             remove.append(base)
             upper, work = os.path.join(base, "upper"), os.path.join(base, "work")

@@ -11,6 +11,7 @@ import shutil
 import stat
 
 from .errors import OverlayfuseError
+from .sysmount.fsinfo import unescape_mountinfo
 from .spec import OverlaySpec
 
 
@@ -31,19 +32,6 @@ def _require_dir(path: str, what: str) -> os.stat_result:
     return st
 
 
-def _unescape_mountinfo(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space, ...)."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_at(path: str) -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount whose mount point is ``path``, else None.
 
@@ -56,8 +44,8 @@ def mount_at(path: str) -> tuple[str, str] | None:
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
             fields, rfields = left.split(" "), right.split(" ")
-            if len(fields) > 4 and _unescape_mountinfo(fields[4]) == real:
-                found = (rfields[0], _unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "")
+            if len(fields) > 4 and unescape_mountinfo(fields[4]) == real:
+                found = (rfields[0], unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "")
     return found
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from overlayfuse.sysmount.fsinfo import unescape_mountinfo
+
 if TYPE_CHECKING:  # pragma: no cover
     from unpriv import Unprivileged
 
@@ -68,19 +70,6 @@ def make_layers(base: Path, n_lowers: int = 2) -> Layers:
 # /proc/self/mountinfo
 
 
-def _unescape(field_: str) -> str:
-    """Undo mountinfo's octal escapes (space, tab, newline, backslash)."""
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and len(field_) - i >= 4 and field_[i + 1:i + 4].isdigit():
-            out.append(chr(int(field_[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 @dataclass(frozen=True)
 class MountEntry:
     """One line of /proc/self/mountinfo, the parts tests care about."""
@@ -99,8 +88,8 @@ def mountinfo() -> list[MountEntry]:
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
             lf, rf = left.split(" "), right.split(" ")
-            entries.append(MountEntry(int(lf[0]), _unescape(lf[4]), rf[0],
-                                      _unescape(rf[1]) if len(rf) > 1 else "",
+            entries.append(MountEntry(int(lf[0]), unescape_mountinfo(lf[4]), rf[0],
+                                      unescape_mountinfo(rf[1]) if len(rf) > 1 else "",
                                       rf[2] if len(rf) > 2 else ""))
     return entries
 

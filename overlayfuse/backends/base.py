@@ -1,13 +1,15 @@
 """The interface every backend implements, and the handle a mount returns."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
@@ -222,3 +224,27 @@ def inside(mountpoint: str, cwd: str | None) -> str:
     if not cwd:
         return mountpoint
     return os.path.join(mountpoint, cwd.lstrip("/"))
+
+
+def run_dir() -> str:
+    """Where throwaway mount points go: $XDG_RUNTIME_DIR when usable, else the temp dir."""
+    d = os.environ.get("XDG_RUNTIME_DIR")
+    if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+        return d
+    return tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def run_mountpoint(mountpoint: str | None) -> Iterator[str]:
+    """The mount point for ``run``: the given one, or a temp dir removed afterwards."""
+    if mountpoint is not None:
+        yield os.path.abspath(mountpoint)
+        return
+    mnt = tempfile.mkdtemp(prefix="overlayfuse-run-", dir=run_dir())
+    try:
+        yield mnt
+    finally:
+        try:
+            os.rmdir(mnt)
+        except OSError as e:
+            log.warning("cannot remove mount point %s: %s", mnt, e)

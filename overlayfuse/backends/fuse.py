@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Sequence
 
 from ..probe import probe as run_probe
 from ..probe import deferred_signals, fuse_preconditions, probe_dir_for, unmount_fuse
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
-from .base import Backend, Mount, Purpose, Verdict, inside, merged_env, spawn, wait_forwarding
-from .kernel import run_dir
+from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
+                   wait_forwarding)
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +48,6 @@ class FuseBackend(Backend):
         """Mount in the caller's namespace (no private one is to be had), run, always unmount."""
         if map_root:
             raise OverlayfuseError("backend fuse cannot map the caller to root")
-        made = mountpoint is None
-        mnt = tempfile.mkdtemp(prefix="overlayfuse-run-", dir=run_dir()) if made else \
-            os.path.abspath(mountpoint)  # type: ignore[arg-type]
-        try:
-            with self.mount(spec, mnt):
-                pid = spawn(argv, inside(mnt, cwd), merged_env(mnt, env))
-                return wait_forwarding(pid)
-        finally:
-            if made:
-                try:
-                    os.rmdir(mnt)
-                except OSError as e:
-                    log.warning("cannot remove mount point %s: %s", mnt, e)
+        with run_mountpoint(mountpoint) as mnt, self.mount(spec, mnt):
+            pid = spawn(argv, inside(mnt, cwd), merged_env(mnt, env))
+            return wait_forwarding(pid)

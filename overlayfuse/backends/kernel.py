@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -13,7 +12,8 @@ from ..probe import deferred_signals, probe_dir_for
 from .. import sysmount
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
-from .base import Backend, Mount, Purpose, Verdict, inside, merged_env, spawn, wait_forwarding
+from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
+                   wait_forwarding)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ def umount_retrying(target: str) -> None:
         time.sleep(0.05)
     log.warning("%s still busy: detaching it lazily", target)
     sysmount.umount2(target, sysmount.MNT_DETACH)
-
-
-def run_dir() -> str:
-    """Where throwaway mount points go: $XDG_RUNTIME_DIR when usable, else the temp dir."""
-    d = os.environ.get("XDG_RUNTIME_DIR")
-    if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
-        return d
-    return tempfile.gettempdir()
 
 
 class KernelBackend(Backend):
@@ -98,18 +90,9 @@ def run_private(spec: OverlaySpec, argv: Sequence[str], cwd: str | None,
         # pad here, not in the child: inside a user namespace our uid is another
         spec = OverlaySpec(lowerdirs=(spec.lowerdirs[0], sysmount.empty_dir()),
                            options=spec.options)
-    made = mountpoint is None
-    mnt = tempfile.mkdtemp(prefix="overlayfuse-run-", dir=run_dir()) if made else \
-        os.path.abspath(mountpoint)  # type: ignore[arg-type]
-    try:
+    with run_mountpoint(mountpoint) as mnt:
         if not os.path.isdir(mnt):
             raise OverlayfuseError(f"mount point {mnt} is not a directory")
         pid = spawn(argv, inside(mnt, cwd), merged_env(mnt, env),
                     lambda: setup(spec, mnt))
         return wait_forwarding(pid)
-    finally:
-        if made:
-            try:
-                os.rmdir(mnt)
-            except OSError as e:
-                log.warning("cannot remove mount point %s: %s", mnt, e)

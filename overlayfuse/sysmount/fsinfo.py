@@ -74,14 +74,14 @@ def mounts_under(prefix: str) -> list[str]:
     out: list[str] = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = _unescape(line.split()[4])
+            mp = unescape_mountinfo(line.split()[4])
             if mp == prefix or mp.startswith(prefix + "/"):
                 out.append(mp)
     return sorted(out, key=len, reverse=True)
 
 
-def _unescape(s: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for space, ...)."""
+def unescape_mountinfo(s: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for space, ...); the one copy every reader uses."""
     if "\\" not in s:
         return s
     out, i = [], 0
