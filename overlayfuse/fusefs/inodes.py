@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import errno
 import stat
+from collections import OrderedDict
 
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
+STAT_CACHE_SIZE = 65536
+_stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
 
 
 class Node:
@@ -27,7 +30,7 @@ class Node:
     """
 
     __slots__ = ("ino", "kind", "aliases", "lookups", "upper", "lower", "opaque", "index",
-                 "open_count", "nlink_override", "st")
+                 "open_count", "nlink_override")
 
     def __init__(self, ino: int, kind: int) -> None:
         self.ino = ino
@@ -40,8 +43,26 @@ class Node:
         self.index: bytes | None = None  # name in the hard-link index holding the data
         self.open_count = 0
         self.nlink_override: int | None = None
-        # the last stat of the defining entry; readdir answers from it (see Overlay.changed)
-        self.st = None
+
+    @property
+    def st(self):
+        """The last stat of the defining entry, if still cached; readdir answers from it
+        (see Overlay.changed).  Kept in one bounded table, not on the node: a stat result costs
+        more memory than the rest of a node, and a walk of a huge tree keeps a node per entry."""
+        st = _stats.get(self.ino)
+        if st is not None:
+            _stats.move_to_end(self.ino)
+        return st
+
+    @st.setter
+    def st(self, value) -> None:
+        if value is None:
+            _stats.pop(self.ino, None)
+            return
+        _stats[self.ino] = value
+        _stats.move_to_end(self.ino)
+        if len(_stats) > STAT_CACHE_SIZE:
+            _stats.popitem(last=False)
 
     @property
     def is_dir(self) -> bool:
@@ -143,6 +164,7 @@ class InodeTable:
             return
         if self._nodes.get(node.ino) is node:
             del self._nodes[node.ino]
+            node.st = None
         for parent, name in node.aliases:
             if self._children.get((parent.ino, name)) is node:
                 del self._children[(parent.ino, name)]

@@ -102,7 +102,7 @@ class Overlay:
     # good (within a budget): a lookup through many layers then costs a set lookup per layer
     # that lacks the name instead of a syscall.  Built for a directory once lookups miss in it
     # a few times, so a single lookup never pays for reading a whole directory.
-    LOWER_NAMES_BUDGET = 1_000_000
+    LOWER_NAMES_BUDGET = 200_000
     LOWER_NAMES_AFTER_MISSES = 4
 
     def lower_names(self, layer: int, path: bytes) -> frozenset[bytes] | None:
