@@ -26,6 +26,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     || fail "apt-get install ${missing[*]} failed"
 fi
 
+# fusermount3 (unprivileged mounts and unmounts) reads /etc/mtab, which a booted Debian has as
+# a link to /proc/self/mounts; a minimal image or chroot may lack it
+if [ ! -e /etc/mtab ] && [ "$(id -u)" = 0 ]; then
+  ln -sf ../proc/self/mounts /etc/mtab
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   /usr/bin/python3 -m venv .venv >"$log" 2>&1 || fail "python3 -m venv .venv failed"
