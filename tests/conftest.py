@@ -88,3 +88,12 @@ def unprivileged(unpriv_pythonpath: Path) -> Iterator[Unprivileged]:
             shutil.rmtree(home, ignore_errors=True)
     if leaked:
         pytest.fail(f"test leaked mounts as {u.user} (now unmounted): {leaked}", pytrace=False)
+
+
+@pytest.fixture
+def private_probe_cache(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An own probe cache for the test: no verdict leaks between tests or into ~/.cache."""
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(d))
+    return d

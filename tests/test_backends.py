@@ -19,31 +19,17 @@ from typing import Any
 import pytest
 
 import overlayfuse
-from mounts import REPO, is_mounted, make_layers, mounts_under, tree_snapshot
+from helpers import ovf
+from mounts import is_mounted, make_layers, mounts_under, tree_snapshot
 from overlayfuse import sysmount
 from overlayfuse.backends import choose, get_backend
 from overlayfuse.errors import OverlayfuseError
 from overlayfuse.spec import OverlaySpec
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-                   ) -> Path:
-    d = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(d))
-    return d
-
-
-def ovf(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """``python -m overlayfuse ARGS`` as root."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.update(kw.pop("env", {}))
-    return subprocess.run([sys.executable, "-m", "overlayfuse", *args], capture_output=True,
-                          text=True, env=env, timeout=120, **kw)
 
 
 def fill(layers_root: Path, lowers: list[Path]) -> None:

@@ -16,16 +16,8 @@ from overlayfuse import sysmount
 from overlayfuse.probe import (BACKENDS, SCRATCH_PREFIX, Report, _cache_key, cache_path,
                                probe)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the probe tests run as root")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-                   ) -> Path:
-    """Each test gets its own probe cache: no verdict leaks between tests or into ~/.cache."""
-    d = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(d))
-    return d
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the probe tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 
 def leftovers(d: Path) -> list[str]:
@@ -115,9 +107,9 @@ PROBE_CODE = ("import sys; from overlayfuse.probe import probe; "
 
 
 @pytest.mark.parametrize("delay", [0.02, 0.08, 0.15])
-def test_killed_probe_leaves_nothing(tmp_path: Path, _private_cache: Path, delay: float) -> None:
+def test_killed_probe_leaves_nothing(tmp_path: Path, private_probe_cache: Path, delay: float) -> None:
     """SIGTERM: the probe cleans up itself. SIGKILL: the next probe removes the remains."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(_private_cache))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(private_probe_cache))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         # start the probe, then wait until it is inside a trial before killing it
         p = subprocess.Popen([sys.executable, "-c", PROBE_CODE, str(tmp_path)], env=env,

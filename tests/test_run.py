@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import overlayfuse
+from helpers import ovf
 from mounts import REPO, kernel_overlay, make_layers, mounts_under, tree_snapshot
 from overlayfuse.backends import CommandError
 from overlayfuse.spec import OverlaySpec
@@ -34,13 +35,6 @@ def _private_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     tmp = tmp_path_factory.mktemp("tmpdir")
     monkeypatch.setenv("TMPDIR", str(tmp))
     return tmp
-
-
-def ovf(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.update(kw.pop("env", {}))
-    return subprocess.run([sys.executable, "-m", "overlayfuse", *args], capture_output=True,
-                          text=True, env=env, timeout=120, **kw)
 
 
 def fingerprint(root: Path) -> dict[str, tuple]:

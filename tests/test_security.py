@@ -18,12 +18,13 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import outcome
 from mounts import Layers, kernel_overlay, make_layers, overlayfuse_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need root")
@@ -43,15 +44,6 @@ def mounted(system: str, layers: Layers) -> Iterator[Path]:
         layers.lowers, layers.upper, layers.work, layers.mnt)
     with cm:
         yield layers.mnt
-
-
-def outcome(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """``"ok"``, the call's value, or the errno's name."""
-    try:
-        r = fn(*args, **kw)
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-    return "ok" if r is None else r
 
 
 def read(p: Path) -> bytes:

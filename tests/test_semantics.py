@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers import outcome
 from mounts import (Layers, diff_trees, kernel_overlay, make_layers, overlayfuse_mount,
                     tree_snapshot)
 
@@ -61,15 +61,6 @@ def renameat2(src: os.PathLike[str] | str, dst: os.PathLike[str] | str, flags: i
                        ctypes.c_uint(flags)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), os.fspath(src))
-
-
-def outcome(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """``"ok"`` (or the call's value when not None) or the errno's name: comparable results."""
-    try:
-        r = fn(*args, **kw)
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-    return "ok" if r is None else r
 
 
 DIR = "<dir>"
