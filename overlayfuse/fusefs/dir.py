@@ -336,7 +336,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     if (dst is not None and upper_dst is None and dst.kind == stat.S_IFREG
             and dst.st is not None and dst.st.st_nlink > 1):
         copy_up_to_index(ovl, dst)  # its other names must keep a true link count
-    with index.Counting(ovl, dst, -1) if dst is not None else _nothing():
+    with index.Counting(ovl, dst, -1) if dst is not None else contextlib.nullcontext():
         if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
             # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout
             renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
@@ -353,10 +353,6 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     if src.is_dir:
         _fix_moved_dir(ovl, src, new_parent, new_name)
     _rebind(ovl, new_parent, new_name, src)
-
-
-def _nothing() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: bytes,
