@@ -189,6 +189,42 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = EXIT_TIMEOUT) -> str |
 # option strings
 
 
+def alive(pid: int) -> bool:
+    """True while *pid* exists and is not a zombie (a double-forked daemon is reaped by init,
+    which can take seconds here; it has exited all the same)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def overlayfuse_pids(mnt: os.PathLike[str] | str) -> list[int]:
+    """Live overlayfuse processes with *mnt* (absolute) in their command line: a background
+    daemon keeps the argv of the command that started it."""
+    key = os.fsencode(os.path.abspath(mnt))
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if key in argv and any(b"overlayfuse" in a for a in argv) and alive(int(d)):
+            out.append(int(d))
+    return out
+
+
 def esc(path: os.PathLike[str] | str) -> str:
     """Escape a path for a mount option value (``\\:`` and ``\\,``, as overlayfs accepts)."""
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mounts import REPO, esc, force_unmount, is_mounted, kernel_overlay, make_layers, mounts_at
+from mounts import (REPO, esc, force_unmount, is_mounted, kernel_overlay, make_layers, mounts_at,
+                    overlayfuse_pids)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
 
@@ -40,24 +41,6 @@ def ovf(*args: str, cwd: Path | str | None = None, prog: Sequence[str] | None = 
                           env=env or cli_env(), stdin=subprocess.DEVNULL, timeout=60)
 
 
-def daemon_pids(mnt: Path) -> list[int]:
-    """Processes running overlayfuse with ``mnt`` (absolute) in their command line: the daemon
-    keeps the argv of the command that started it."""
-    key = os.fsencode(os.path.abspath(mnt))
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"overlayfuse" in a for a in argv) and key in argv:
-            pids.append(int(entry))
-    return pids
-
-
 @contextlib.contextmanager
 def daemonized(mnt: Path) -> Iterator[None]:
     """Around a CLI mount that daemonizes: unmount (if still mounted) and see the daemon exit."""
@@ -68,9 +51,9 @@ def daemonized(mnt: Path) -> Iterator[None]:
         if mounted:
             force_unmount(mnt)
         deadline = time.monotonic() + 10
-        while daemon_pids(mnt) and time.monotonic() < deadline:
+        while overlayfuse_pids(mnt) and time.monotonic() < deadline:
             time.sleep(0.05)
-        stuck = daemon_pids(mnt)
+        stuck = overlayfuse_pids(mnt)
         for pid in stuck:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -134,7 +117,7 @@ def test_fuse_overlayfs_form_mounts_in_background(tree: Path) -> None:
         assert (entry.fstype, entry.source) == ("fuse.overlayfuse", "overlayfuse")
         assert {"allow_other", "default_permissions"} <= set(entry.options.split(","))
         assert {"noatime", "nodev"} <= mount_flags(mnt)
-        assert daemon_pids(mnt), "no daemon in the background"
+        assert overlayfuse_pids(mnt), "no daemon in the background"
         check_merged(tree, mnt)
         r = ovf("umount", str(mnt))
         assert r.returncode == 0, r.stderr
@@ -380,12 +363,12 @@ def test_unprivileged_fuse_overlayfs_form_and_umount(unprivileged) -> None:  # n
         assert r.returncode == 0, r.stderr
         assert not is_mounted(layers.mnt)
         deadline = time.monotonic() + 10
-        while daemon_pids(layers.mnt) and time.monotonic() < deadline:
+        while overlayfuse_pids(layers.mnt) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not daemon_pids(layers.mnt), "the daemon did not exit after the unmount"
+        assert not overlayfuse_pids(layers.mnt), "the daemon did not exit after the unmount"
     finally:
         if is_mounted(layers.mnt):
             force_unmount(layers.mnt, u)
-        for pid in daemon_pids(layers.mnt):
+        for pid in overlayfuse_pids(layers.mnt):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mounts import (REPO, Layers, force_unmount, is_mounted, kernel_overlay, mounts_at,
-                    overlay_options)
+                    overlay_options, overlayfuse_pids, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon tests mount as root")
 
@@ -34,24 +34,6 @@ def cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str
                           stdin=subprocess.DEVNULL)
 
 
-def alive(pid: int) -> bool:
-    """True while *pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def holds_dev_fuse(pid: int) -> bool:
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -65,19 +47,8 @@ def holds_dev_fuse(pid: int) -> bool:
 
 
 def daemon_pids(mnt: Path) -> list[int]:
-    """overlayfuse processes serving *mnt*: /dev/fuse open, mount point in the command line."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(mnt) in argv and any(b"overlayfuse" in a for a in argv) \
-                and holds_dev_fuse(int(d)):
-            out.append(int(d))
-    return out
+    """overlayfuse processes serving *mnt*: the mount point in the command line, /dev/fuse open."""
+    return [pid for pid in overlayfuse_pids(mnt) if holds_dev_fuse(pid)]
 
 
 @contextlib.contextmanager
