@@ -84,12 +84,7 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if fmt.opaque_in(marks) or fmt.has_opaque_marker(udir, name):
                 node.opaque = True
                 return node, st
-            redirect = marks.get(b"redirect")
-            if redirect:
-                if redirect.startswith(b"/"):
-                    abs_redirect = redirect.strip(b"/")
-                else:
-                    lookup_name = redirect
+            abs_redirect, lookup_name = _follow_redirect(marks, abs_redirect, lookup_name)
     parent_paths = dict(parent.lower)
     stack: list[tuple[int, bytes]] = []
     for li in ovl.lower_indexes:
@@ -127,18 +122,26 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             node = Node(_saved_ino(marks) or ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
         if fmt.opaque_in(marks) or fmt.has_opaque_marker(dfd, entry):
             break
-        redirect = marks.get(b"redirect")
-        if redirect:
-            if redirect.startswith(b"/"):
-                abs_redirect = redirect.strip(b"/")
-            elif abs_redirect is not None:
-                abs_redirect = join(split(abs_redirect)[0], redirect)
-            else:
-                lookup_name = redirect
+        abs_redirect, lookup_name = _follow_redirect(marks, abs_redirect, lookup_name)
     if node is None:
         return None
     node.lower = stack
     return node, top
+
+
+def _follow_redirect(marks: dict[bytes, bytes], abs_redirect: bytes | None,
+                     lookup_name: bytes) -> tuple[bytes | None, bytes]:
+    """Where the layers below continue after a dir with a ``redirect``: an absolute path from
+    the layer roots, or another name in the same parent (which stays relative to an absolute
+    redirect already taken)."""
+    redirect = marks.get(b"redirect")
+    if not redirect:
+        return abs_redirect, lookup_name
+    if redirect.startswith(b"/"):
+        return redirect.strip(b"/"), lookup_name
+    if abs_redirect is not None:
+        return join(split(abs_redirect)[0], redirect), lookup_name
+    return None, redirect
 
 
 def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
