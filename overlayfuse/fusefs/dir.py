@@ -110,21 +110,20 @@ def _finish_new(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_
 
 def create(ovl: Overlay, parent: Node, name: bytes, mode: int, flags: int,
            caller: Caller) -> tuple[Node, os.stat_result, int]:
-    udir, over_whiteout = _prepare_new(ovl, parent, name)
     oflags = (flags & ~(os.O_TRUNC | getattr(os, "O_DIRECT", 0))) | os.O_CREAT | os.O_EXCL \
         | os.O_NOFOLLOW | os.O_CLOEXEC
-    where, entry = (ovl.work_fd, temp_name()) if over_whiteout else (udir, name)
-    fd = os.open(entry, oflags, stat.S_IMODE(mode), dir_fd=where)
+    opened: list[int] = []
+
+    def make(entry: bytes, where: int) -> None:
+        opened.append(os.open(entry, oflags, stat.S_IMODE(mode), dir_fd=where))
+
     try:
-        _own(ovl, where, entry, udir, caller)
-        if over_whiteout:
-            _install(ovl, udir, name, entry, False)
+        node, st = _make_node_at(ovl, parent, name, make, caller)
     except BaseException:
-        os.close(fd)
-        os.unlink(entry, dir_fd=where)
+        for fd in opened:
+            os.close(fd)
         raise
-    node, st = _finish_new(ovl, parent, name)
-    return node, st, fd
+    return node, st, opened[0]
 
 
 def mkdir(ovl: Overlay, parent: Node, name: bytes, mode: int, caller: Caller) -> tuple[Node, os.stat_result]:
