@@ -231,9 +231,7 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
         elif need_whiteout:
             if fmt.make_whiteout(udir, name, ovl.prefix):
                 fmt.mark_xattr_whiteouts(udir, ovl.prefix)
-    gone = ovl.table.unbind(parent, name)
-    if gone is not None and gone.open_count and not gone.aliases:
-        gone.nlink_override = 0
+    ovl.table.unbind(parent, name)  # an open file left without a name: attrs.getattr_node
 
 
 def unlink(ovl: Overlay, parent: Node, name: bytes) -> None:
@@ -345,9 +343,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
             _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout,
                             ovl.prefix)
     mark_impure(ovl, new_udir)  # it may now hold an entry with an origin or a redirect
-    gone = ovl.table.unbind(new_parent, new_name)
-    if gone is not None and gone is not src and gone.open_count and not gone.aliases:
-        gone.nlink_override = 0
+    ovl.table.unbind(new_parent, new_name)
     ovl.table.unbind(old_parent, old_name)
     if src.is_dir:
         _fix_moved_dir(ovl, src, new_parent, new_name)
