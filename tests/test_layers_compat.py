@@ -210,6 +210,71 @@ def test_many_lowers(tmp_path: Path) -> None:
     _assert_same(oracle, got, f"50 lowers read by {SUT}")
 
 
+def _stacked_layers(base: Path, form: str, n: int = 12) -> tuple[list[Path], list[str]]:
+    """*n* lowers sharing dir ``d``: each adds names, overrides ``shared``, and some hide a
+    name of a layer below (whiteout in *form*) or turn ``d/sub`` opaque.  Returns the lowers
+    (top first) and every name any layer has, hidden or not."""
+    lowers, names = [], {"shared", "sub", "sub/s", "nothing"}
+    for i in range(n):
+        d = base / f"l{i:02d}" / "d"
+        (d / "sub").mkdir(parents=True)
+        for rel in (f"own{i}", "shared", f"sub/s{i}"):
+            (d / rel).write_bytes(f"{rel} in layer {i}\n".encode())
+            names.add(rel.replace(str(i), "{}").format(i))
+        if i % 4 == 1:  # hide the names the next two layers add
+            for j in (i + 1, i + 2):
+                if form == "oci":
+                    (d / f".wh.own{j}").write_bytes(b"")
+                else:
+                    os.mknod(d / f"own{j}", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+        if i == 6:
+            if form == "oci":
+                (d / "sub" / ".wh..wh..opq").write_bytes(b"")
+            else:
+                os.setxattr(d / "sub", "trusted.overlay.opaque", b"y")
+        lowers.append(base / f"l{i:02d}")
+    names |= {f"own{i}" for i in range(n + 2)} | {f"sub/s{i}" for i in range(n)}
+    return lowers, sorted(names)
+
+
+def _cold_lookups(mnt: Path, names: list[str], rounds: int) -> list[tuple[str, object]]:
+    """List ``d`` (the daemon learns the layers' names), then look every name up with the
+    kernel's dentries dropped, so each lookup reaches the filesystem."""
+    seen: list[tuple[str, object]] = []
+    for _ in range(rounds):
+        os.listdir(mnt / "d")
+        os.listdir(mnt / "d" / "sub")
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        seen = []
+        for rel in names:
+            p = mnt / "d" / rel
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                seen.append((rel, "absent"))
+                continue
+            seen.append((rel, p.read_bytes() if stat.S_ISREG(st.st_mode) else stat.S_IFMT(st.st_mode)))
+    return seen
+
+
+@pytest.mark.parametrize("form", ["kernel", pytest.param("oci", marks=NOT_KERNEL)])
+def test_lookups_through_many_lowers(form: str, tmp_path: Path) -> None:
+    """Lookups in a dir merged from many lowers (which the daemon answers from the layers' name
+    sets once it knows them) find what the kernel finds: the top entry, nothing past a whiteout,
+    nothing below an opaque dir."""
+    oracle_lowers, names = _stacked_layers(tmp_path / "kernel-form", "kernel")
+    lowers, _ = _stacked_layers(tmp_path / form, form)
+    (tmp_path / "km").mkdir()
+    (tmp_path / "sm").mkdir()
+    with kernel_overlay(oracle_lowers, None, None, tmp_path / "km", opts=""):
+        oracle = _cold_lookups(tmp_path / "km", names, 1)
+    assert ("own2", "absent") in oracle and ("sub/s8", "absent") in oracle  # a sane oracle
+    assert ("shared", b"shared in layer 0\n") in oracle
+    with sut_mount(lowers, None, None, tmp_path / "sm"):
+        got = _cold_lookups(tmp_path / "sm", names, 5)
+    assert got == oracle
+
+
 def test_read_only_mount_refuses_writes(lowers: list[Path], tmp_path: Path) -> None:
     """A lowerdir-only mount shows the same tree and answers writes the way the kernel does."""
     probe = [Op("create", ("n1", b"A")), Op("unlink", ("f1",)), Op("mkdir", ("nd", 0o755)),

@@ -18,6 +18,7 @@ from .layers import join, split
 from .overlay import Overlay
 
 NAME_MAX = 255
+FIRST_LOWER_MIN = 4  # lowers under a dir before a lookup starts at the first that has the name
 
 
 def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
@@ -87,7 +88,13 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             abs_redirect, lookup_name = _follow_redirect(marks, abs_redirect, lookup_name)
     parent_paths = dict(parent.lower)
     stack: list[tuple[int, bytes]] = []
-    for li in ovl.lower_indexes:
+    layers = ovl.lower_indexes
+    if abs_redirect is None and len(parent.lower) >= FIRST_LOWER_MIN:
+        first = ovl.first_lower(parent)
+        if first is not None:
+            start = first.get(lookup_name)
+            layers = layers[ovl.lower_pos[start]:] if start is not None else []
+    for li in layers:
         if abs_redirect is not None:
             dir_path, entry = split(abs_redirect)
         else:
