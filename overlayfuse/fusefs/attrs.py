@@ -50,7 +50,7 @@ def negative_entry(ovl: Overlay) -> pyfuse3.EntryAttributes:
 
 
 def getattr_node(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
-    if not node.aliases and node.ino != ROOT:
+    if node.parent is None and node.ino != ROOT:
         return _getattr_unlinked(ovl, node)
     try:
         st = ovl.lstat(node)

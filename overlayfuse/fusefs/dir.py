@@ -394,7 +394,7 @@ def _rebind(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     if ovl.table.find(node.ino) is node:
         ovl.table.bind(parent, name, node)
     else:
-        node.aliases = [(parent, name)]
+        node.set_alias(parent, name)
 
 
 def _is_ancestor(node: Node, other: Node) -> bool:
@@ -402,6 +402,6 @@ def _is_ancestor(node: Node, other: Node) -> bool:
     while True:
         if other is node:
             return True
-        if not other.aliases:
+        if other.parent is None:
             return False
-        other = other.aliases[0][0]
+        other = other.parent

@@ -87,7 +87,7 @@ def adopt_fd(ovl: Overlay, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
 
 def _current_fd(ovl: Overlay, handle: FileHandle) -> int:
     node = handle.node
-    if handle.source != _source(node) and node.aliases:
+    if handle.source != _source(node) and node.parent is not None:
         fd = open_backing(ovl, node, handle.flags & ~os.O_TRUNC)
         os.close(handle.fd)
         handle.fd, handle.source = fd, _source(node)

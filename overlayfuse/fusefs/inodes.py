@@ -22,23 +22,29 @@ _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently use
 class Node:
     """One overlay inode as the kernel knows it.
 
-    ``aliases`` are the (parent node, name) pairs that reach it, newest last; the first one is
-    used to find its upper path.  ``lower`` lists where it lives in the lower layers: for a
-    directory the whole merge stack (top first), for anything else the single visible entry.
-    Lower paths stay valid when an ancestor is renamed (the lowers never change), which is why
-    they are stored whole while the upper path is derived from the aliases.
+    ``parent``/``name`` is the first (parent node, name) pair that reaches it, the one used to
+    find its upper path; a hard-linked file's other names are in ``more_aliases`` (None for
+    the rest).  A directory's ``children`` maps the names the kernel holds to their nodes.
+    ``lower`` lists where it lives in the lower layers: for a directory the whole merge stack
+    (top first), for anything else the single visible entry.  Lower paths stay valid when an
+    ancestor is renamed (the lowers never change), which is why they are stored whole while
+    the upper path is derived from the parents.  Plain slots, no per-node containers unless
+    needed: a walk of a huge tree keeps one node per entry the kernel caches.
     """
 
-    __slots__ = ("ino", "kind", "aliases", "lookups", "upper", "lower", "opaque", "index",
-                 "open_count", "nlink_override")
+    __slots__ = ("ino", "kind", "parent", "name", "more_aliases", "children", "lookups", "upper",
+                 "lower", "opaque", "index", "open_count", "nlink_override")
 
     def __init__(self, ino: int, kind: int) -> None:
         self.ino = ino
         self.kind = kind
-        self.aliases: list[tuple[Node, bytes]] = []
+        self.parent: Node | None = None
+        self.name = b""
+        self.more_aliases: list[tuple[Node, bytes]] | None = None
+        self.children: dict[bytes, Node] | None = None
         self.lookups = 0
         self.upper = False
-        self.lower: list[tuple[int, bytes]] = []
+        self.lower: list[tuple[int, bytes]] = _NO_LOWER
         self.opaque = False
         self.index: bytes | None = None  # name in the hard-link index holding the data
         self.open_count = 0
@@ -73,33 +79,74 @@ class Node:
         """A dir whose listing comes from more than one layer (the kernel reports nlink 1)."""
         return self.is_dir and (len(self.lower) + (1 if self.upper else 0)) > 1
 
+    @property
+    def aliases(self) -> list[tuple["Node", bytes]]:
+        """Every (parent, name) that reaches this node, the primary one first."""
+        if self.parent is None:
+            return []
+        first = [(self.parent, self.name)]
+        return first + self.more_aliases if self.more_aliases else first
+
     def upath(self) -> bytes:
         """The path of this node in the upper layer (the merged tree's own path)."""
         names = []
         node = self
         while node.ino != ROOT:
-            if not node.aliases:
+            if node.parent is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            node, name = node.aliases[0]
-            names.append(name)
+            names.append(node.name)
+            node = node.parent
         return b"/".join(reversed(names))
 
     def parent_and_name(self) -> tuple["Node", bytes]:
-        if not self.aliases:
+        if self.parent is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self.aliases[0]
+        return self.parent, self.name
 
     def add_alias(self, parent: "Node", name: bytes) -> None:
-        alias = (parent, name)
-        if alias in self.aliases:
-            return
-        self.aliases.append(alias)
+        if self.parent is None:
+            self.parent, self.name = parent, name
+        elif not (self.parent is parent and self.name == name):
+            if self.more_aliases is None:
+                self.more_aliases = [(parent, name)]
+            elif (parent, name) not in self.more_aliases:
+                self.more_aliases.append((parent, name))
+
+    def set_alias(self, parent: "Node", name: bytes) -> None:
+        """Make (parent, name) the node's only name."""
+        self.parent, self.name, self.more_aliases = parent, name, None
 
     def drop_alias(self, parent: "Node", name: bytes) -> None:
-        try:
-            self.aliases.remove((parent, name))
-        except ValueError:
-            pass
+        more = self.more_aliases
+        if self.parent is parent and self.name == name:
+            if more:
+                self.parent, self.name = more.pop(0)
+            else:
+                self.parent, self.name = None, b""
+        elif more:
+            try:
+                more.remove((parent, name))
+            except ValueError:
+                pass
+        if not more:
+            self.more_aliases = None
+
+    def clear_aliases(self) -> None:
+        self.parent, self.name, self.more_aliases = None, b"", None
+
+
+_NO_LOWER: list[tuple[int, bytes]] = []  # shared by the many nodes without a lower entry; never mutated
+_IN_PARENT: dict[int, list] = {}
+
+
+def in_parent_lower(layer: int) -> list:
+    """``lower`` of a non-directory found in ``layer`` under its parent's own name: its path
+    there is the parent's path in that layer plus its name (Overlay.lower_location), so the
+    many files of a huge tree share one list per layer instead of each keeping a path."""
+    shared = _IN_PARENT.get(layer)
+    if shared is None:
+        shared = _IN_PARENT[layer] = [(layer, None)]
+    return shared
 
 
 class InodeTable:
@@ -108,8 +155,6 @@ class InodeTable:
     def __init__(self, root: Node) -> None:
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT: root}
-        # name -> node for entries the kernel holds, so renames and unlinks can fix aliases
-        self._children: dict[tuple[int, bytes], Node] = {}
         self.root = root
 
     def __len__(self) -> int:
@@ -124,8 +169,12 @@ class InodeTable:
     def find(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
 
-    def child(self, parent: Node, name: bytes) -> Node | None:
-        return self._children.get((parent.ino, name))
+    @staticmethod
+    def child(parent: Node, name: bytes) -> Node | None:
+        """The node the kernel holds under ``name`` in ``parent``, so renames and unlinks can
+        fix its names."""
+        children = parent.children
+        return children.get(name) if children is not None else None
 
     def bind(self, parent: Node, name: bytes, fresh: Node) -> Node:
         """Record a lookup result: reuse the known node of that inode, refreshed; count it."""
@@ -133,20 +182,24 @@ class InodeTable:
         if node is None or node.kind != fresh.kind:
             node = fresh
             self._nodes[node.ino] = node
-        else:
+        elif node is not fresh:
             node.upper, node.lower, node.opaque, node.index, node.st = (
                 fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
             node.nlink_override = fresh.nlink_override
-        old = self._children.get((parent.ino, name))
+        children = parent.children
+        if children is None:
+            children = parent.children = {}
+        old = children.get(name)
         if old is not None and old is not node:
             old.drop_alias(parent, name)
         node.add_alias(parent, name)
-        self._children[(parent.ino, name)] = node
+        children[name] = node
         return node
 
     def unbind(self, parent: Node, name: bytes) -> Node | None:
         """The name is gone from the merged tree (unlink, rmdir, rename source)."""
-        node = self._children.pop((parent.ino, name), None)
+        children = parent.children
+        node = children.pop(name, None) if children is not None else None
         if node is not None:
             node.drop_alias(parent, name)
         return node
@@ -166,6 +219,9 @@ class InodeTable:
             del self._nodes[node.ino]
             node.st = None
         for parent, name in node.aliases:
-            if self._children.get((parent.ino, name)) is node:
-                del self._children[(parent.ino, name)]
-        node.aliases.clear()
+            children = parent.children
+            if children is not None and children.get(name) is node:
+                del children[name]
+                if not children:
+                    parent.children = None
+        node.clear_aliases()

@@ -13,7 +13,7 @@ import pyfuse3
 
 from .. import format as fmt
 from . import index, origin
-from .inodes import Node
+from .inodes import Node, in_parent_lower
 from .layers import join, split
 from .overlay import Overlay
 
@@ -120,7 +120,9 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             break
         if not stat.S_ISDIR(st.st_mode):
             if top is None:
-                return _lower_nondir(ovl, dfd, entry, li, join(dir_path, entry), st)
+                where = in_parent_lower(li) if abs_redirect is None and entry == name \
+                    else [(li, join(dir_path, entry))]
+                return _lower_nondir(ovl, dfd, entry, li, where, st)
             break  # a non-directory below a directory ends the merge
         stack.append((li, join(dir_path, entry)))
         marks = fmt.overlay_xattrs(dfd, entry, ovl.prefix)
@@ -151,13 +153,13 @@ def _follow_redirect(marks: dict[bytes, bytes], abs_redirect: bytes | None,
     return None, redirect
 
 
-def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, path: bytes,
+def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, where: list,
                   st: os.stat_result) -> tuple[Node, os.stat_result]:
     # a lower layer may be a former upper (layer store snapshots): its copied-up entries keep
     # the inode number they had when they were copied up
     ino = _saved_ino(fmt.overlay_xattrs(dirfd, name, ovl.prefix)) if _may_carry_ino(st) else None
     node = Node(ino or ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
-    node.lower = [(li, path)]
+    node.lower = where
     if st.st_nlink > 1 and ovl.index_fd >= 0:
         # an earlier copy-up of another name of this inode holds the current data
         fh = ovl.origin_of(li, dirfd, name)

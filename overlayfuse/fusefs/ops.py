@@ -61,7 +61,7 @@ class OverlayOperations(pyfuse3.Operations):
             node.lookups += 1
             return attrs.getattr_node(ovl, node)
         if name == b"..":
-            node = parent.aliases[0][0] if parent.aliases else parent
+            node = parent.parent or parent
             node.lookups += 1
             return attrs.getattr_node(ovl, node)
         try:

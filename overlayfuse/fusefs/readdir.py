@@ -102,7 +102,7 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
         name = names[i]
         if name == b"." or name == b"..":
             # the kernel takes no lookup reference for these two
-            target = node if name == b"." or not node.aliases else node.aliases[0][0]
+            target = node if name == b"." else node.parent or node
             attr = getattr_node(ovl, target)
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
