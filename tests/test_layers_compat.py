@@ -52,6 +52,10 @@ SCENARIOS: dict[str, list[Op]] = {
         Op("link", ("hl1", "n1")), Op("append", ("hl2", b"more\n")), Op("link", ("m/x", "m/n1")),
         Op("chmod", ("m/x", 0o600)), Op("unlink", ("hl1",)),
     ],
+    "renamed_links": [  # unionmount-testsuite's rename-hard-link, on a lower pair
+        Op("rename", ("hl2", "n1", 0)), Op("rename", ("n1", "n2", 0)), Op("rename", ("n2", "n1", 0)),
+        Op("rename", ("hl1", "n3", 0)), Op("append", ("n3", b"via the renamed name\n")),
+    ],
     "exchange": [
         Op("rename", ("f1", "e", RENAME_EXCHANGE)), Op("rename", ("m", "o", RENAME_EXCHANGE)),
         Op("rename", ("s_dir", "xf", RENAME_EXCHANGE)),

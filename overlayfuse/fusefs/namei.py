@@ -120,8 +120,10 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             break
         if not stat.S_ISDIR(st.st_mode):
             if top is None:
-                where = in_parent_lower(li) if abs_redirect is None and entry == name \
-                    else [(li, join(dir_path, entry))]
+                # a hard-linked file may be reached later by a name it has nowhere in the
+                # lowers: keep the path it was found by
+                derive = abs_redirect is None and entry == name and st.st_nlink == 1
+                where = in_parent_lower(li) if derive else [(li, join(dir_path, entry))]
                 return _lower_nondir(ovl, dfd, entry, li, where, st)
             break  # a non-directory below a directory ends the merge
         stack.append((li, join(dir_path, entry)))
