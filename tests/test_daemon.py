@@ -98,6 +98,16 @@ def test_background_mount_then_overlayfuse_umount(layers: Layers) -> None:
     assert (layers.upper / "new").read_bytes() == b"new"
 
 
+def test_root_mount_reads_ahead_a_mebibyte(layers: Layers) -> None:
+    """The kernel's 128 KiB FUSE readahead is raised to 1 MiB once INIT is done (as root)."""
+    with cleanup(layers.mnt):
+        start_background(layers)
+        st = os.stat(layers.mnt)
+        knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+        assert knob.read_text().strip() == "1024"
+        assert cli("umount", str(layers.mnt)).returncode == 0
+
+
 def test_background_mount_then_fusermount(layers: Layers) -> None:
     with cleanup(layers.mnt):
         pid = start_background(layers)

@@ -10,8 +10,10 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import pyfuse3
+import trio
 
 from . import attrs, dir as dirops, file as fileops, readdir as readdirops, xattrs
 from .namei import lookup
@@ -50,6 +52,13 @@ class OverlayOperations(pyfuse3.Operations):
         self.ovl = ovl
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        # called while the kernel's INIT is handled, before the reply that fixes the mount's
+        # parameters (readahead among them): what must override those runs just after it
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # -- lookup and attributes -----------------------------------------------------------
     @_errors
