@@ -28,8 +28,18 @@ def _lstat(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def _is_whiteout(ovl: Overlay, dirfd: int, name: bytes, st: os.stat_result) -> bool:
-    return fmt.is_whiteout_stat(st) or fmt.is_xattr_whiteout(dirfd, name, st, ovl.prefix)
+def _marks_unless_whiteout(ovl: Overlay, dirfd: int, name: bytes,
+                           st: os.stat_result) -> dict[bytes, bytes] | None:
+    """None for a whiteout (char 0/0, or an empty file with ``whiteout``); otherwise the
+    entry's overlay xattrs, which lookup needs anyway: one listxattr answers both."""
+    if fmt.is_whiteout_stat(st):
+        return None
+    if not (stat.S_ISDIR(st.st_mode) or _may_carry_ino(st)):
+        return {}
+    marks = fmt.overlay_xattrs(dirfd, name, ovl.prefix)
+    if b"whiteout" in marks and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return None
+    return marks
 
 
 def _oci_whiteout(dirfd: int, name: bytes) -> bool:
@@ -66,9 +76,9 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
         if st is None and _oci_whiteout(udir, name):
             return None
         if st is not None:
-            if _is_whiteout(ovl, udir, name, st):
+            marks = _marks_unless_whiteout(ovl, udir, name, st)
+            if marks is None:
                 return None
-            marks = fmt.overlay_xattrs(udir, name, ovl.prefix)
             ino = _saved_ino(marks) or _origin_ino(ovl, marks)
             if not stat.S_ISDIR(st.st_mode):
                 node = Node(ino or ovl.encode_ino(0, st.st_ino), stat.S_IFMT(st.st_mode))
@@ -116,7 +126,8 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             if names is None and _oci_whiteout(dfd, entry):
                 break
             continue
-        if _is_whiteout(ovl, dfd, entry, st):
+        marks = _marks_unless_whiteout(ovl, dfd, entry, st)
+        if marks is None:
             break
         if not stat.S_ISDIR(st.st_mode):
             if top is None:
@@ -124,10 +135,9 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
                 # lowers: keep the path it was found by
                 derive = abs_redirect is None and entry == name and st.st_nlink == 1
                 where = in_parent_lower(li) if derive else [(li, join(dir_path, entry))]
-                return _lower_nondir(ovl, dfd, entry, li, where, st)
+                return _lower_nondir(ovl, dfd, entry, li, where, st, marks)
             break  # a non-directory below a directory ends the merge
         stack.append((li, join(dir_path, entry)))
-        marks = fmt.overlay_xattrs(dfd, entry, ovl.prefix)
         if top is None:
             top = st
             node = Node(_saved_ino(marks) or ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
@@ -156,10 +166,10 @@ def _follow_redirect(marks: dict[bytes, bytes], abs_redirect: bytes | None,
 
 
 def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, where: list,
-                  st: os.stat_result) -> tuple[Node, os.stat_result]:
+                  st: os.stat_result, marks: dict[bytes, bytes]) -> tuple[Node, os.stat_result]:
     # a lower layer may be a former upper (layer store snapshots): its copied-up entries keep
     # the inode number they had when they were copied up
-    ino = _saved_ino(fmt.overlay_xattrs(dirfd, name, ovl.prefix)) if _may_carry_ino(st) else None
+    ino = _saved_ino(marks)
     node = Node(ino or ovl.encode_ino(li, st.st_ino), stat.S_IFMT(st.st_mode))
     node.lower = where
     if st.st_nlink > 1 and ovl.index_fd >= 0:
