@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from overlayfuse.sysmount.fsinfo import unescape_mountinfo
+from overlayfuse.sysmount.fsinfo import mount_table
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ class Mounted:
 
 def mountpoints() -> list[tuple[str, str]]:
     """(mount point, fstype) of every mount in this namespace."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            out.append((unescape_mountinfo(left.split(" ")[4]), right.split(" ")[0]))
-    return out
+    return [(entry.mountpoint, entry.fstype) for entry in mount_table()]
 
 
 def mounts_at(path: Path | str) -> list[str]:

@@ -11,7 +11,7 @@ import shutil
 import stat
 
 from .errors import OverlayfuseError
-from .sysmount.fsinfo import unescape_mountinfo
+from .sysmount.fsinfo import topmost_mount
 from .spec import OverlaySpec
 
 
@@ -38,15 +38,8 @@ def mount_at(path: str) -> tuple[str, str] | None:
     Read from /proc/self/mountinfo, which, unlike comparing st_dev with the parent, also sees a
     bind mount of a directory onto itself and a FUSE mount whose daemon hangs.
     """
-    real = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields, rfields = left.split(" "), right.split(" ")
-            if len(fields) > 4 and unescape_mountinfo(fields[4]) == real:
-                found = (rfields[0], unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "")
-    return found
+    entry = topmost_mount(os.path.realpath(path))
+    return (entry.fstype, entry.source) if entry is not None else None
 
 
 def validate_layers(spec: OverlaySpec) -> None:

@@ -18,7 +18,7 @@ import trio
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
-from ..sysmount.fsinfo import unescape_mountinfo
+from ..sysmount.fsinfo import topmost_mount
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -99,16 +99,10 @@ def raise_readahead(target: str) -> None:
     Runs after the kernel's INIT reply, which sets the knob to what was negotiated.
     ``target`` is the mount point's real path; the mount is found through mountinfo, as any
     path walk into our own mount before serving would wait for this very process."""
-    device = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                fstype = fields[fields.index("-") + 1]
-                if fstype.startswith("fuse") and unescape_mountinfo(fields[4]) == target:
-                    device = fields[2]  # the newest mount on the point comes last
-        if device is not None:
-            with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as knob:
+        mount = topmost_mount(target)
+        if mount is not None and mount.fstype.startswith("fuse"):
+            with open(f"/sys/class/bdi/{mount.device}/read_ahead_kb", "w") as knob:
                 knob.write(str(READAHEAD_KB))
     except OSError as e:
         log.debug("readahead left at the kernel default: %s", e)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from typing import NamedTuple
 
 from .syscalls import SYS_GETDENTS64, check, fsbytes, libc
 
@@ -28,18 +29,47 @@ def statfs_type(path: str) -> int:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo, unescaped."""
+
+    device: str       # "major:minor" of the mounted filesystem
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def mount_table() -> list[MountEntry]:
+    """This namespace's mounts from /proc/self/mountinfo, oldest first (a later mount on the
+    same point covers an earlier one); the one parser every mountinfo reader here uses."""
+    out: list[MountEntry] = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            fields, rfields = left.split(" "), right.split(" ")
+            if len(fields) > 4:
+                out.append(MountEntry(fields[2], unescape_mountinfo(fields[4]), rfields[0],
+                                      unescape_mountinfo(rfields[1]) if len(rfields) > 1 else ""))
+    return out
+
+
+def topmost_mount(mountpoint: str) -> MountEntry | None:
+    """The newest mount whose mount point is ``mountpoint``, an already resolved path: no
+    path walk happens here, so a daemon may ask about its own mount before it serves."""
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == mountpoint:
+            found = entry
+    return found
+
+
 def mount_fstype(path: str) -> str | None:
     """The fs type named in /proc/self/mountinfo for the mount holding ``path`` (by st_dev)."""
     st = os.stat(path)
     want = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] != want:
-                continue
-            sep = fields.index("-")
-            found = fields[sep + 1]   # last match wins: the topmost mount of that device
+    for entry in mount_table():
+        if entry.device == want:
+            found = entry.fstype  # last match wins: the topmost mount of that device
     return found
 
 
@@ -71,12 +101,8 @@ DT_REG = 8
 def mounts_under(prefix: str) -> list[str]:
     """Mount points at or below ``prefix`` in this namespace, deepest first."""
     prefix = prefix.rstrip("/")
-    out: list[str] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = unescape_mountinfo(line.split()[4])
-            if mp == prefix or mp.startswith(prefix + "/"):
-                out.append(mp)
+    out = [entry.mountpoint for entry in mount_table()
+           if entry.mountpoint == prefix or entry.mountpoint.startswith(prefix + "/")]
     return sorted(out, key=len, reverse=True)
 
 
