@@ -120,10 +120,16 @@ def is_opaque(dirfd: int, name: bytes, prefix: bytes) -> bool:
         has_opaque_marker(dirfd, name)
 
 
+def has_xattr_whiteout_shape(st: os.stat_result) -> bool:
+    """An empty regular file: what the kernel's xattr whiteout looks like before its
+    ``whiteout`` xattr decides."""
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result,
                       prefix: bytes | None = None) -> bool:
     """The kernel's whiteout for nested overlays: an empty regular file with ``whiteout``."""
-    return (stat.S_ISREG(st.st_mode) and st.st_size == 0
+    return (has_xattr_whiteout_shape(st)
             and get_overlay_xattr(dirfd, name, b"whiteout", prefix) is not None)
 
 

@@ -37,7 +37,7 @@ def _marks_unless_whiteout(ovl: Overlay, dirfd: int, name: bytes,
     if not (stat.S_ISDIR(st.st_mode) or _may_carry_ino(st)):
         return {}
     marks = fmt.overlay_xattrs(dirfd, name, ovl.prefix)
-    if b"whiteout" in marks and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+    if b"whiteout" in marks and fmt.has_xattr_whiteout_shape(st):
         return None
     return marks
 
