@@ -207,11 +207,11 @@ class Overlay:
 
     def lower_location(self, node: Node) -> tuple[int, bytes]:
         layer, path = node.lower[0]
-        if path is None:  # in_parent_lower: in the directory of a name that reaches it
-            for parent, name in node.aliases:
-                for li, dir_path in parent.lower:
-                    if li == layer:
-                        return self.dirfds.get(layer, dir_path), name
+        if path is None:  # in_parent_lower: a single-link file, in its parent's dir there
+            parent, name = node.parent_and_name()
+            for li, dir_path in parent.lower:
+                if li == layer:
+                    return self.dirfds.get(layer, dir_path), name
             raise pyfuse3.FUSEError(errno.ENOENT)
         head, tail = split(path)
         return self.dirfds.get(layer, head), tail
