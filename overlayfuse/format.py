@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Callable
 
 # One namespace per mount, as the kernel: trusted.overlay.* as root, user.overlay.* for a user
 # (or with the userxattr option).  The other namespace's names are ordinary xattrs, never
@@ -24,6 +25,15 @@ OPAQUE_MARKER = b".wh..wh..opq"
 # st_ino (which FUSE also uses as the node id) survives copy-up and remounts.  The kernel hides
 # every name under its private prefixes and ignores names it does not know.
 INO_XATTR = b"ovf.ino"
+
+# Our record of what a layer holds that not every reader can follow, on the layer's root dir in
+# the namespace its markers use (so its presence also names that namespace).  The value lists
+# feature words, comma-separated; it only ever grows, and is written (and synced) before the
+# first marker it announces, so after a crash it may claim too much, never too little.
+FEATURES_XATTR = b"ovf.features"
+REDIRECT = "redirect"    # a renamed directory's ``redirect`` (kernel: redirect_dir=on/follow)
+INDEX = "index"          # a hard-link index entry in the work dir (kernel: index=on)
+XWHITEOUT = "xwhiteout"  # whiteouts in the xattr form (kernel: 6.7 and later)
 
 
 def default_prefix(userxattr: bool = False) -> bytes:
@@ -87,6 +97,35 @@ def overlay_xattrs(dirfd: int, name: bytes, prefix: bytes) -> dict[bytes, bytes]
     return found
 
 
+def decode_features(value: bytes) -> frozenset[str]:
+    """The feature words of a ``FEATURES_XATTR`` value (unknown words are kept: a newer writer
+    may know more, and a reader must not take a record it does not understand for an empty one)."""
+    return frozenset(w for w in value.decode("ascii", "replace").split(",") if w)
+
+
+def encode_features(features: frozenset[str] | set[str]) -> bytes:
+    return ",".join(sorted(features)).encode("ascii")
+
+
+def add_features(dirfd: int, prefix: bytes, features: frozenset[str] | set[str],
+                 durable: bool) -> frozenset[str]:
+    """Make the record on the layer root ``dirfd`` (any fd, O_PATH too) list ``features``
+    besides what it lists; written only when that changes (or it is absent), and then synced
+    when ``durable``.  Returns the features now recorded."""
+    value = get_overlay_xattr(dirfd, b"", FEATURES_XATTR, prefix)
+    have = decode_features(value) if value is not None else frozenset()
+    want = have | frozenset(features)
+    if value is None or want != have:
+        set_overlay_xattr(dirfd, b"", prefix, FEATURES_XATTR, encode_features(want))
+        if durable:
+            fd = os.open(proc_path(dirfd, b""), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return want
+
+
 def opaque_in(marks: dict[bytes, bytes]) -> bool:
     """``opaque=y`` hides the layers below; ``x`` (kernel 6.7) only flags xattr whiteouts."""
     return marks.get(b"opaque") == b"y"
@@ -133,17 +172,21 @@ def is_xattr_whiteout(dirfd: int, name: bytes, st: os.stat_result,
             and get_overlay_xattr(dirfd, name, b"whiteout", prefix) is not None)
 
 
-def make_whiteout(dirfd: int, name: bytes, prefix: bytes) -> bool:
+def make_whiteout(dirfd: int, name: bytes, prefix: bytes,
+                  announce: Callable[[], None] | None = None) -> bool:
     """Write a whiteout: the kernel's char 0/0, or where mknod is refused (an upper on a
     filesystem such as overlayfs or FUSE), the kernel's other form: an empty file with the
-    ``whiteout`` xattr.  Returns True for the xattr form: its final parent directory must then
-    be flagged with ``mark_xattr_whiteouts``, or the kernel will not look for it."""
+    ``whiteout`` xattr, after calling ``announce`` (to record ``XWHITEOUT``).  Returns True for
+    the xattr form: its final parent directory must then be flagged with
+    ``mark_xattr_whiteouts``, or the kernel will not look for it."""
     try:
         os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=dirfd)
         return False
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
             raise
+    if announce is not None:
+        announce()
     fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o000, dir_fd=dirfd)
     try:

@@ -60,6 +60,11 @@ class OverlaySpec:
     def readonly(self) -> bool:
         return self.upperdir is None
 
+    @property
+    def userxattr(self) -> bool:
+        """The ``userxattr`` flag: the overlay's markers are ``user.overlay.*``."""
+        return any(key == "userxattr" for key, _ in self.options)
+
     @classmethod
     def from_options(cls, text: str, cwd: str | None = None) -> "OverlaySpec":
         """The spec of an option string; harmless mount options are dropped (see

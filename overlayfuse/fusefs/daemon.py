@@ -18,6 +18,7 @@ import trio
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
+from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
@@ -31,8 +32,10 @@ def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
     """Mount ``spec`` at ``mountpoint`` with the FUSE backend.
 
     Foreground: serve until unmounted and return 0.  Background: return the daemon's PID once
-    the mount is ready; raise OverlayfuseError if it could not be mounted.
+    the mount is ready; raise OverlayfuseError if it could not be mounted.  The spec is
+    first adapted to the layers (survey.adapt: userxattr for a user's layers mounted by root).
     """
+    spec = adapt(spec, "fuse")
     if foreground:
         serve(spec, mountpoint, fuse_options, debug, ready_fd=None)
         return 0

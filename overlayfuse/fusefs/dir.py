@@ -222,14 +222,14 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
                 ovl.dirfds.forget_tree(0, join(parent.upath(), name))
             tmp = temp_name()
             if need_whiteout:
-                if fmt.make_whiteout(ovl.work_fd, tmp, ovl.prefix):
+                if fmt.make_whiteout(ovl.work_fd, tmp, ovl.prefix, ovl.record.xwhiteout):
                     fmt.mark_xattr_whiteouts(udir, ovl.prefix)
                 renameat2(ovl.work_fd, tmp, udir, name, RENAME_EXCHANGE)
             else:
                 os.rename(name, tmp, src_dir_fd=udir, dst_dir_fd=ovl.work_fd)
             _rmtree_at(ovl.work_fd, tmp)
         elif need_whiteout:
-            if fmt.make_whiteout(udir, name, ovl.prefix):
+            if fmt.make_whiteout(udir, name, ovl.prefix, ovl.record.xwhiteout):
                 fmt.mark_xattr_whiteouts(udir, ovl.prefix)
     ovl.table.unbind(parent, name)  # an open file left without a name: attrs.getattr_node
 
@@ -283,6 +283,7 @@ def _fix_moved_dir(ovl: Overlay, node: Node, new_parent: Node, new_name: bytes) 
     name that exists below must not merge with that: it becomes opaque."""
     udir = ovl.upper_dirfd(new_parent)
     if node.lower and not node.opaque:
+        ovl.record.note(fmt.REDIRECT)
         fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"redirect", b"/" + node.lower[0][1])
     elif not node.opaque and lower_positive(ovl, new_parent, new_name):
         fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"opaque", b"y")
@@ -340,8 +341,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
             if not src_needs_whiteout:
                 os.unlink(old_name, dir_fd=old_udir)
         else:
-            _rename_leaving(old_udir, old_name, new_udir, new_name, src_needs_whiteout,
-                            ovl.prefix)
+            _rename_leaving(ovl, old_udir, old_name, new_udir, new_name, src_needs_whiteout)
     mark_impure(ovl, new_udir)  # it may now hold an entry with an origin or a redirect
     ovl.table.unbind(new_parent, new_name)
     ovl.table.unbind(old_parent, old_name)
@@ -350,8 +350,8 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     _rebind(ovl, new_parent, new_name, src)
 
 
-def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: bytes,
-                    whiteout: bool, prefix: bytes) -> None:
+def _rename_leaving(ovl: Overlay, old_udir: int, old_name: bytes, new_udir: int,
+                    new_name: bytes, whiteout: bool) -> None:
     if not whiteout:
         os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
         return
@@ -361,8 +361,8 @@ def _rename_leaving(old_udir: int, old_name: bytes, new_udir: int, new_name: byt
         if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
             raise
         os.rename(old_name, new_name, src_dir_fd=old_udir, dst_dir_fd=new_udir)
-        if fmt.make_whiteout(old_udir, old_name, prefix):
-            fmt.mark_xattr_whiteouts(old_udir, prefix)
+        if fmt.make_whiteout(old_udir, old_name, ovl.prefix, ovl.record.xwhiteout):
+            fmt.mark_xattr_whiteouts(old_udir, ovl.prefix)
 
 
 def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,

@@ -34,6 +34,7 @@ def lookup(ovl: Overlay, name: bytes, real: os.stat_result | None = None) -> os.
 def add(ovl: Overlay, work_name: bytes, node: Node, index_name: bytes) -> None:
     """Link a finished copy (in work/) into the index; the caller sets its link count once
     the copy has its final names (``set_nlink``)."""
+    ovl.record.note(fmt.INDEX)
     try:
         os.unlink(index_name, dir_fd=ovl.index_fd)  # stale: from a mount over other lowers
     except FileNotFoundError:

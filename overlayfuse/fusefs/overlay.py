@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import pyfuse3
 
 from .. import format as fmt
+from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from . import origin
+from .record import UpperRecord
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
 
@@ -39,13 +41,15 @@ class Overlay:
         self.upper: Layer | None = self.layers[0] if spec.upperdir else None
         self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
         self.dirfds = DirFds(self.layers)
-        self.prefix = fmt.default_prefix(userxattr=any(k == "userxattr" for k, _ in spec.options))
+        self.prefix = fmt.default_prefix(userxattr=spec.userxattr)
         devs: list[int] = []
         for layer in self.layers:
             if layer.dev not in devs:
                 devs.append(layer.dev)
         self._fs_index = {layer.index: devs.index(layer.dev) for layer in self.layers}
         self._xino = len(devs) > 1
+        self.record = UpperRecord(self.upper.root_fd if self.upper else -1, self.prefix,
+                                  durable=not spec.volatile)
         self.work_fd = -1
         self.index_fd = -1
         if spec.workdir:
@@ -238,8 +242,12 @@ class Overlay:
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
 
     def require_writable(self) -> None:
+        """Refuse a change to a read-only overlay; before the first change, write the
+        upper's record (record.py), so that its namespace is known to every later reader."""
         if self.upper is None:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if self.record.features is None:
+            self.record.note()
 
     def close(self) -> None:
         self.dirfds.close()
@@ -261,6 +269,7 @@ def _prepare_workdir(workdir: str) -> tuple[int, int]:
                 if not stat.S_ISDIR(st.st_mode):
                     os.unlink(sub, dir_fd=root)  # never follow a planted link: replace it
                     raise FileNotFoundError
+                _make_usable(workdir, sub, root, st)
             except FileNotFoundError:
                 os.mkdir(sub, 0o700, dir_fd=root)
             fds.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -269,6 +278,32 @@ def _prepare_workdir(workdir: str) -> tuple[int, int]:
         return fds[0], fds[1]
     finally:
         os.close(root)
+
+
+def _make_usable(workdir: str, sub: bytes, root: int, st: os.stat_result) -> None:
+    """The kernel makes work/ and index/ with mode 000 (only its own, privileged access goes
+    in); a daemon that is not root cannot enter them.  It opens up what it owns, and replaces
+    an empty work/ of another user (root's kernel mount of a user's layers leaves one), as the
+    kernel itself recreates work/ at every mount.  Anything else gets a plain refusal."""
+    if os.geteuid() == 0 or stat.S_IMODE(st.st_mode) & 0o700 == 0o700:
+        return
+    if st.st_uid == os.geteuid():
+        fd = os.open(sub, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        try:
+            os.chmod(fmt.proc_path(fd, b""), stat.S_IMODE(st.st_mode) | 0o700)
+        finally:
+            os.close(fd)
+        return
+    if sub == WORK_SUBDIR:
+        try:
+            os.rmdir(sub, dir_fd=root)  # only its temp files live there, and it holds none
+            os.mkdir(sub, 0o700, dir_fd=root)
+            return
+        except OSError:
+            pass
+    where = os.path.join(workdir, os.fsdecode(sub))
+    raise OverlayfuseError(f"work dir {where} belongs to uid {st.st_uid} and is mode "
+                           f"{stat.S_IMODE(st.st_mode):03o}: use a work dir of your own")
 
 
 def _clean_tree(dirfd: int) -> None:
