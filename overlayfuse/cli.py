@@ -116,9 +116,9 @@ def mount_fuse_backend(spec: OverlaySpec, mnt: str, other: Sequence[str], *,
 def mount_kernel_backend(spec: OverlaySpec, mnt: str, other: Sequence[str]) -> int:
     """Mount the kernel's overlayfs on ``mnt`` with mount(2), then apply ro/nodev/... flags."""
     from . import sysmount
+    from .backends.kernel import mount_spec
     try:
-        sysmount.mount_overlay(spec.lowerdirs, spec.upperdir, spec.workdir, mnt,
-                               options=spec.options, volatile=spec.volatile)
+        mount_spec(spec, mnt)
     except OSError as e:
         raise OverlayfuseError(f"kernel overlayfs refused to mount on {mnt}: "
                                f"{e.strerror or e}") from None

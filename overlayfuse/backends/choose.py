@@ -7,6 +7,7 @@ from ..probe import probe as run_probe
 from ..probe import fuse_preconditions, probe_dir_for
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
+from ..survey import refusal
 from .base import Backend, Purpose
 from .fuse import FuseBackend
 from .kernel import KernelBackend
@@ -37,9 +38,10 @@ def choose(spec: OverlaySpec, purpose: Purpose, backend: str = "auto", *,
     """The backend for ``purpose`` and a sentence explaining the choice (for ``-v``).
 
     ``auto`` takes the first backend of the preference list that the probe accepts for the
-    upper dir's filesystem; an explicit name is checked and, when it can't work, is an error
-    carrying the probe's reason, never a silent fallback.  Explicit ``fuse`` skips the trial:
-    its own mount reports any failure.
+    upper dir's filesystem and that shows the layers as their writer left them (survey.py: a
+    normal user's redirects and hard-link index are lost on kernel-userns); an explicit name is
+    checked for both and, when it can't work, is an error carrying the reason, never a silent
+    fallback.  Explicit ``fuse`` skips the trial: its own mount reports any failure.
     """
     if purpose not in PREFERENCE:
         raise OverlayfuseError(f"unknown purpose {purpose!r}")
@@ -47,12 +49,12 @@ def choose(spec: OverlaySpec, purpose: Purpose, backend: str = "auto", *,
         # asked for by name: no trial daemon first (the mount itself is the trial and its
         # error the reason), only the checks that need no mount
         chosen = get_backend(backend)
-        why_not = fuse_preconditions()
+        why_not = fuse_preconditions() or refusal(spec, backend)
         if why_not:
             raise OverlayfuseError(f"backend fuse cannot {purpose} here: {why_not}")
         return chosen, "backend fuse (asked for)"
     where = probe_dir_for(spec)
-    report = run_probe(where, refresh=refresh)
+    report = run_probe(where, refresh=refresh).consider(spec)
     if backend != "auto":
         chosen = get_backend(backend)
         verdict = report.verdict(backend, purpose)

@@ -12,6 +12,7 @@ from ..probe import deferred_signals, probe_dir_for
 from .. import sysmount
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
+from ..survey import adapt, record_kernel_features
 from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
                    wait_forwarding)
 
@@ -19,7 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def mount_spec(spec: OverlaySpec, target: str, *, userxattr: bool = False) -> None:
-    """Mount ``spec`` with overlayfs on ``target`` in the current namespace (OSError on refusal)."""
+    """Mount ``spec`` with overlayfs on ``target`` in the current namespace (OSError on refusal).
+
+    As root the options are first adapted to what the layers hold (survey.adapt: index=on for
+    an upper with a hard-link index, userxattr for a user's markers), and the upper's record
+    learns what these options let the kernel write there.
+    """
+    if not userxattr:
+        spec = adapt(spec, "kernel")
+    userxattr = userxattr or spec.userxattr
+    record_kernel_features(spec, userxattr)
     sysmount.mount_overlay(spec.lowerdirs, spec.upperdir, spec.workdir, target,
                            options=spec.options, volatile=spec.volatile, userxattr=userxattr)
 

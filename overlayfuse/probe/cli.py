@@ -6,7 +6,9 @@ import json
 import sys
 
 from ..errors import OverlayfuseError
-from .api import probe
+from ..spec import OverlaySpec
+from ..validate import validate_layers
+from .api import probe, probe_dir_for
 
 
 def add_check_parser(subparsers: "argparse._SubParsersAction") -> "argparse.ArgumentParser":
@@ -18,6 +20,9 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> "argparse.Argu
     p.add_argument("--upper", metavar="DIR",
                    help="a directory on the filesystem for upper layers (default: the current "
                         "dir, or the temp dir when that is not writable)")
+    p.add_argument("-o", dest="options", metavar="OPTS",
+                   help="lowerdir=...[,upperdir=U,workdir=W]: also say what these layers hold "
+                        "and which backends show them as written (probes on U's filesystem)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--refresh", action="store_true", help="ignore cached verdicts, probe again")
     p.set_defaults(func=cmd_check)
@@ -27,7 +32,13 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> "argparse.Argu
 def cmd_check(args: "argparse.Namespace") -> int:
     """Exit 0 when at least one backend can serve a mount, 1 otherwise."""
     try:
-        report = probe(args.upper, refresh=args.refresh)
+        if args.options:
+            spec = OverlaySpec.from_options(args.options)
+            validate_layers(spec)
+            report = probe(args.upper or probe_dir_for(spec), refresh=args.refresh)
+            report.consider(spec)
+        else:
+            report = probe(args.upper, refresh=args.refresh)
     except OverlayfuseError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return 1

@@ -7,9 +7,13 @@ dict form, the command line prints it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
 
 from .facts import Facts
+
+if TYPE_CHECKING:
+    from ..spec import OverlaySpec
 
 BACKENDS: tuple[str, ...] = ("kernel", "kernel-userns", "fuse")
 
@@ -35,15 +39,34 @@ class Report:
     cached: bool = False
     probed_at: float = 0.0
     seconds: float = 0.0
+    # set by ``consider``, never cached: what one overlay's layers hold, and per backend why it
+    # would show them otherwise than their writer did
+    layers: str = ""
+    wrong_tree: dict[str, str] = field(default_factory=dict)
+
+    def consider(self, spec: "OverlaySpec") -> "Report":
+        """Fold what ``spec``'s layers hold (survey.py) into the verdicts."""
+        from ..survey import describe, refusal, survey
+        held = survey(spec)
+        self.layers = describe(held)
+        self.wrong_tree = {}
+        for b in BACKENDS:
+            why = refusal(spec, b, held)
+            if why:
+                self.wrong_tree[b] = why
+        return self
 
     def verdict(self, backend: str, purpose: str = "mount") -> "Verdict":
-        """Can ``backend`` serve ``purpose`` ("mount" or "run") here?"""
+        """Can ``backend`` serve ``purpose`` ("mount" or "run") here (for the layers
+        ``consider`` was given)?"""
         from ..backends.base import Verdict
         trial = self.trials.get(backend)
         if trial is None:
             return Verdict(False, f"{backend} was not probed")
         if backend == "kernel-userns" and purpose == "mount":
             return Verdict(False, USERNS_MOUNT_REASON)
+        if trial.ok and backend in self.wrong_tree:
+            return Verdict(False, self.wrong_tree[backend])
         return Verdict(trial.ok, trial.reason)
 
     def can_mount(self) -> bool:
@@ -77,6 +100,8 @@ class Report:
                     "trial": asdict(t)}
                 for b, t in self.trials.items()},
             "choice": {"mount": self.preferred("mount"), "run": self.preferred("run")},
+            **({"layers": {"holds": self.layers, "wrong_tree": self.wrong_tree}}
+               if self.layers else {}),
             "can_mount": self.can_mount(),
             "cached": self.cached,
             "probed_at": self.probed_at,
@@ -122,6 +147,10 @@ class Report:
             else:
                 state = "supported" if t.ok else "NOT supported"
             lines.append(f"  {b:<14} {state}: {t.reason}")
+        if self.layers:
+            lines.append(f"layers:     {self.layers}")
+            for b, why in self.wrong_tree.items():
+                lines.append(f"  {b:<14} {why}")
         m, r = self.preferred("mount"), self.preferred("run")
         lines.append(f"auto chooses: mount -> {m or 'nothing works'}, "
                      f"run -> {r or 'nothing works'}")
