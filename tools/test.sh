@@ -1,6 +1,14 @@
 #!/bin/bash
 # Set up (tools/setup.sh) and run the test suite; arguments go to pytest (e.g. -k infra, -x).
+# The whole suite (no arguments) also runs the differential and semantic tests against stock
+# pyfuse3 in a second venv (.venv-stock), where the daemon opens files the classic way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q
+echo "test: the differential and semantic tests again, on stock pyfuse3 (.venv-stock)"
+VENV=.venv-stock OVERLAYFUSE_STOCK_PYFUSE3=1 tools/setup.sh
+exec .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py
