@@ -141,6 +141,9 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     validate(spec, mnt)
     chosen, why = choose_backend(spec, backend)
     log.info("%s", why)
+    if chosen == "fuse":
+        from .backends.fuse import transport_note
+        log.info("fuse transport: %s", transport_note())
     if chosen == "kernel":
         return mount_kernel_backend(spec, mnt, other)
     return mount_fuse_backend(spec, mnt, other, foreground=foreground, debug=debug)

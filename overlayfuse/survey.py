@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import format as fmt
 from .spec import OverlaySpec
@@ -191,10 +191,7 @@ def adapt(spec: OverlaySpec, backend: str, s: Survey | None = None) -> OverlaySp
         if s.holds(fmt.REDIRECT) and spec.option("redirect_dir") is None \
                 and not (_kernel_param("redirect_dir") or _kernel_param("redirect_always_follow")):
             extra.append(("redirect_dir", "follow"))
-    if not extra:
-        return spec
-    return OverlaySpec(lowerdirs=spec.lowerdirs, upperdir=spec.upperdir, workdir=spec.workdir,
-                       volatile=spec.volatile, options=spec.options + tuple(extra))
+    return replace(spec, options=spec.options + tuple(extra)) if extra else spec
 
 
 def record_kernel_features(spec: OverlaySpec, userxattr: bool) -> None:

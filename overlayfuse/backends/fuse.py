@@ -15,6 +15,15 @@ from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mou
 log = logging.getLogger(__name__)
 
 
+def transport_note() -> str:
+    """How the daemon talks to the kernel here (fusefs/transport.py), for ``check`` and -v."""
+    try:
+        from ..fusefs import transport
+    except ImportError as e:
+        return f"unavailable: {e}"
+    return transport.describe()
+
+
 class FuseBackend(Backend):
     name = "fuse"
 

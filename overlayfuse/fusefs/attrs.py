@@ -62,10 +62,12 @@ def getattr_node(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
 
 def _getattr_unlinked(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
     """An unlinked file that is still open: its data lives on in an open fd; nlink is 0."""
-    for handle in ovl.handles_by_ino.get(node.ino, ()):
-        if handle.fd >= 0:
-            st = os.fstat(handle.fd)
-            attr = entry_attributes(ovl, node, st)
+    fds = [handle.fd for handle in ovl.handles_by_ino.get(node.ino, ())]
+    if ovl.inofiles is not None:
+        fds.append(ovl.inofiles.pinned_fd(node))
+    for fd in fds:
+        if fd >= 0:
+            attr = entry_attributes(ovl, node, os.fstat(fd))
             attr.st_nlink = 0
             return attr
     raise pyfuse3.FUSEError(errno.ENOENT)
@@ -82,6 +84,8 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     ovl.require_writable()
     ovl.changed(node)
     fd = upper_handle_fd(ovl, fh) if fh is not None else -1
+    if fd < 0 and node.parent is None and ovl.inofiles is not None:
+        fd = ovl.inofiles.upper_fd(node)  # a nameless file: only its pinned fd reaches it
     if fd < 0:
         copy_up(ovl, node)
         _setattr_path(ovl, node, attr, fields)

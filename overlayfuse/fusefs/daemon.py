@@ -20,6 +20,7 @@ from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
+from . import transport
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -119,7 +120,8 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
     ovl = Overlay(spec, Config(as_root=os.geteuid() == 0))
-    ops = OverlayOperations(ovl)
+    ops = OverlayOperations(ovl, zero_opens=transport.zero_message_opens())
+    log.debug("fuse transport: %s", transport.describe())
     try:
         pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
     except RuntimeError as e:

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from . import attrs, dir as dirops, file as fileops, readdir as readdirops, xattrs
+from .inofiles import InodeFiles
 from .namei import lookup
 from .overlay import Overlay
 
@@ -47,12 +48,19 @@ class OverlayOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ovl: Overlay) -> None:
+    def __init__(self, ovl: Overlay, zero_opens: bool = False) -> None:
         super().__init__()
         self.ovl = ovl
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
         self.after_init: Callable[[], None] | None = None
+        # zero-message opens (transport.py): OPEN/OPENDIR answered ENOSYS, files and dirs
+        # named by inode in every later request, O_TRUNC sent as a setattr
+        self.zero_opens = zero_opens
+        if zero_opens:
+            self.inode_as_fh = True
+            self.enable_atomic_o_trunc = False
+            ovl.inofiles = InodeFiles(ovl)
 
     def init(self) -> None:
         # called while the kernel's INIT is handled, before the reply that fixes the mount's
@@ -82,8 +90,11 @@ class OverlayOperations(pyfuse3.Operations):
         return attrs.entry_attributes(ovl, node, st)
 
     async def forget(self, inode_list):
+        table, files = self.ovl.table, self.ovl.inofiles
         for ino, count in inode_list:
-            self.ovl.table.forget(ino, count)
+            table.forget(ino, count)
+            if files is not None and table.find(ino) is None:
+                files.forget(ino)
 
     @_errors
     async def getattr(self, inode, ctx=None):
@@ -154,20 +165,32 @@ class OverlayOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------
     @_errors
     async def open(self, inode, flags, ctx):
+        if self.zero_opens:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # never asked again: fh is the inode
         return await fileops.open_node(self.ovl, self.ovl.table.get(inode), flags)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node, st, fd = dirops.create(self.ovl, self.ovl.table.get(parent_inode), name, mode,
-                                     flags, _caller(ctx))
-        return fileops.adopt_fd(self.ovl, node, fd, flags), attrs.entry_attributes(self.ovl, node, st)
+        ovl = self.ovl
+        node, st, fd = dirops.create(ovl, ovl.table.get(parent_inode), name, mode, flags,
+                                     _caller(ctx))
+        if ovl.inofiles is not None:
+            ovl.inofiles.adopt(node, fd, flags)  # file handle 0: requests name the inode
+            info = pyfuse3.FileInfo(fh=0, keep_cache=ovl.config.keep_cache)
+        else:
+            info = fileops.adopt_fd(ovl, node, fd, flags)
+        return info, attrs.entry_attributes(ovl, node, st)
 
     @_errors
     async def read(self, fh, off, size):
+        if self.zero_opens:
+            return self.ovl.inofiles.read(self.ovl.table.get(fh), off, size)
         return fileops.read(self.ovl, fh, off, size)
 
     @_errors
     async def write(self, fh, off, buf):
+        if self.zero_opens:
+            return await self.ovl.inofiles.write(self.ovl.table.get(fh), off, buf)
         return fileops.write(self.ovl, fh, off, buf)
 
     async def flush(self, fh):
@@ -177,6 +200,8 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
+        if self.zero_opens:
+            return await self.ovl.inofiles.fsync(self.ovl.table.get(fh), datasync)
         await fileops.fsync(self.ovl, fh, datasync)
 
     @_errors
@@ -186,6 +211,10 @@ class OverlayOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
     @_errors
     async def opendir(self, inode, ctx):
+        if self.zero_opens:
+            # never asked again: the kernel caches listings (FOPEN_CACHE_DIR) and drops them
+            # on its own changes to the dir, which are the only changes there are
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.ovl.table.get(inode)
         readdirops.check_dir(node)
         fh = self._next_dir
@@ -196,7 +225,13 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        readdirops.readdir(self.ovl, self._dirs[fh], start_id, token)
+        if self.zero_opens:
+            # one listing per directory (overlay.cached_listing), not per open: the kernel
+            # reads it from offset 0 whenever its cached copy is gone
+            handle = readdirops.DirHandle(self.ovl.table.get(fh))
+        else:
+            handle = self._dirs[fh]
+        readdirops.readdir(self.ovl, handle, start_id, token)
 
     @_errors
     async def releasedir(self, fh):

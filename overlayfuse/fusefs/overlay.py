@@ -55,6 +55,7 @@ class Overlay:
         if spec.workdir:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}
+        self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
         self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
@@ -250,6 +251,8 @@ class Overlay:
             self.record.note()
 
     def close(self) -> None:
+        if self.inofiles is not None:
+            self.inofiles.close()
         self.dirfds.close()
         for layer in self.layers:
             os.close(layer.root_fd)

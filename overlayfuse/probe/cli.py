@@ -42,8 +42,10 @@ def cmd_check(args: "argparse.Namespace") -> int:
     except OverlayfuseError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return 1
+    from ..backends.fuse import transport_note  # the backends sit above the probe: late
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "fuse_transport": transport_note()}, indent=2))
     else:
         print(report.format_text())
+        print(f"fuse transport: {transport_note()}")
     return 0 if report.can_mount() else 1
