@@ -94,6 +94,9 @@ def table_markdown(result: dict[str, Any]) -> str:
              f"{', QUICK sizes' if meta['quick'] else ''}; median of {meta['reps']} runs "
              f"(fewer where noted) with (min–max); ratios are medians over the reference's "
              f"median, < 1 is faster."
+             + (f" As user {meta['as_user']}: the FUSE systems mounted by it through "
+                f"fusermount3, every workload run by it, the kernel overlay root's."
+                if meta.get("as_user") else "")
              + (" INTERRUPTED: partial results." if meta.get("interrupted") else ""), ""]
     head = ["workload", "mode", *systems, *[f"{SHORT[s]} ×{SHORT[r]}" for s, r in cols]]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

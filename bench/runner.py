@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report, systems
+from bench import asuser, report, systems
+from bench.asuser import User
 from bench.layers import DEFAULT_CACHE, Fixture
 from bench.sizes import FULL, QUICK, Sizes
 from bench.workloads import Ctx, Workload, all_workloads
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"where the layers are built once and reused (default {DEFAULT_CACHE})")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds before a hung run is killed (default 1200, --quick 120)")
+    p.add_argument("--as-user", metavar="NAME|UID",
+                   help="mount the FUSE systems as this normal user (fusermount3) and run the "
+                        "workloads as it; the kernel overlay (root's) stays as the limit")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -133,22 +137,26 @@ class Progress:
 
 
 def run_one(system: systems.System, w: Workload, fx: Fixture, rep: int, sizes: Sizes,
-            cache: Path, timeout: float, seq: int) -> list[Record]:
-    """Mount *system* fresh on *fx*, run *w*'s modes in order, unmount; one Record per mode."""
+            cache: Path, timeout: float, seq: int, user: User | None = None) -> list[Record]:
+    """Mount *system* fresh on *fx*, run *w*'s modes in order, unmount; one Record per mode.
+    With *user*, the system is mounted for that user and the workload runs as it."""
     rundir = cache / "runs" / f"{os.getpid()}-{seq}-{system.name}"
     for d in ("upper", "work", "mnt"):
         (rundir / d).mkdir(parents=True)
     out: list[Record] = []
     try:
-        with system.mount(fx.lowers, fx.merged, rundir, w.mutating, timeout) as m:
+        with system.mount(fx.lowers, fx.merged, rundir, w.mutating, timeout, user) as m:
             ctx = Ctx(m.root, fx, sizes, cache, timeout)
             for mode in w.modes:
                 if mode == "cold":
                     systems.drop_caches()
                 cpu0 = systems.daemon_cpu(m.pid)
-                t0 = time.perf_counter()
-                w.fn(ctx, mode)
-                dt = time.perf_counter() - t0
+                if user is None:
+                    t0 = time.perf_counter()
+                    w.fn(ctx, mode)
+                    dt = time.perf_counter() - t0
+                else:
+                    dt = asuser.timed_as(user, w.fn, ctx, mode)
                 cpu1 = systems.daemon_cpu(m.pid)
                 cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
                 out.append(Record(w.name, mode, system.name, rep, dt, cpu,
@@ -216,6 +224,17 @@ def run(args: argparse.Namespace) -> int:
         for w in wl:
             print(f"{w.name:18} {'/'.join(w.modes):11} {w.what}")
         return 0
+    user = None
+    if args.as_user:
+        try:
+            user = asuser.resolve(args.as_user)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if os.geteuid() != 0:
+            raise UsageError("--as-user runs as root (it mounts the kernel overlay and "
+                             "switches to the user)")
+        if not args.systems:
+            args.systems = "kernel,fuse-overlayfs,overlayfuse"
     chosen, skipped = select_systems(args.systems)
     for name, why in skipped.items():
         log.warning("skipping %s: %s", name, why)
@@ -224,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     meta = _meta(args, sizes, chosen, skipped, wl, reps)
+    meta["as_user"] = user.name if user else None
 
     records: list[Record] = []
     interrupted = False
@@ -232,18 +252,24 @@ def run(args: argparse.Namespace) -> int:
            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     total = sum(_reps(w, reps, args) * len(chosen) for w in wl)
     prog = Progress(total)
+    opened = contextlib.ExitStack()
     try:
+        if user is not None:
+            opened.enter_context(asuser.fuse_device_for_users())
         fixtures: dict[str, Fixture] = {}
         for w in wl:
             prog.show(f"preparing layers for {w.name} (built once, cached in {cache})")
             fixtures[w.name] = w.fixture(cache, sizes)
+            if user is not None:
+                asuser.own_layers(user, fixtures[w.name].lowers)
         seq = 0
         for w in wl:
             for rep in range(_reps(w, reps, args)):
                 for s in chosen:
                     seq += 1
                     prog.show(f"{w.name} on {s.name}, rep {rep + 1}")
-                    recs = run_one(s, w, fixtures[w.name], rep, sizes, cache, timeout, seq)
+                    recs = run_one(s, w, fixtures[w.name], rep, sizes, cache, timeout, seq,
+                                   user)
                     records += recs
                     last = ", ".join(f"{r.mode} {r.seconds:.3f}s" if r.error is None
                                      else f"{r.mode} FAILED" for r in recs)
@@ -256,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("interrupted: writing the partial results")
     finally:
         prog.end()
+        opened.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         for mp in systems.mounts_under(cache / "runs"):

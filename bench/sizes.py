@@ -34,6 +34,9 @@ class Sizes:
     lookup_layers: tuple[int, ...]
     lookup_count: int        # lookups per pass in the layer-scaling series
     rss_walks: tuple[int, ...]     # entries in the RSS-walk trees (files, over 2 lowers)
+    small_writes: int = 0    # 4-byte O_APPEND writes to one new file (xfstests generic/069)
+    mixed_procs: int = 8     # processes of the mixed concurrent load
+    mixed_ops: int = 0       # operations per process of the mixed load
 
     @property
     def tree_entries(self) -> int:
@@ -54,6 +57,8 @@ FULL = Sizes(
     lookup_layers=(1, 10, 100, 500),
     lookup_count=1000,
     rss_walks=(100_000, 1_000_000),
+    small_writes=20_000,
+    mixed_ops=500,
 )
 
 QUICK = Sizes(
@@ -69,4 +74,6 @@ QUICK = Sizes(
     lookup_layers=(1, 5),
     lookup_count=20,
     rss_walks=(2_000,),
+    small_writes=500,
+    mixed_ops=40,
 )

@@ -22,8 +22,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overlayfuse.sysmount.fsinfo import mount_table
+
+if TYPE_CHECKING:
+    from bench.asuser import User
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +178,10 @@ class System:
         return None
 
     def mount(self, lowers: list[Path], merged: Path, rundir: Path, mutating: bool,
-              timeout: float) -> contextlib.AbstractContextManager[Mounted]:
+              timeout: float, user: "User | None" = None
+              ) -> contextlib.AbstractContextManager[Mounted]:
+        """Mount on ``rundir/mnt`` (upper and work beside it); with ``user``, for that user:
+        a FUSE daemon runs as the user, and the upper belongs to it."""
         raise NotImplementedError
 
 
@@ -185,7 +192,9 @@ class Raw(System):
 
     @contextlib.contextmanager
     def mount(self, lowers: list[Path], merged: Path, rundir: Path, mutating: bool,
-              timeout: float) -> Iterator[Mounted]:
+              timeout: float, user: "User | None" = None) -> Iterator[Mounted]:
+        if user is not None:
+            raise MountFailed("raw is not measured in --as-user runs")
         if not mutating:
             yield Mounted(merged)
             return
@@ -212,8 +221,10 @@ class Kernel(System):
 
     @contextlib.contextmanager
     def mount(self, lowers: list[Path], merged: Path, rundir: Path, mutating: bool,
-              timeout: float) -> Iterator[Mounted]:
+              timeout: float, user: "User | None" = None) -> Iterator[Mounted]:
         upper, work, mnt = rundir / "upper", rundir / "work", rundir / "mnt"
+        if user is not None:
+            user.give(upper)  # the merged root is the upper's: the user may write there
         cwd = None
         opts = overlay_opts(lowers, upper, work)
         if len(opts) > MOUNT_DATA_LIMIT:
@@ -247,13 +258,17 @@ class _Daemon(System):
 
     @contextlib.contextmanager
     def mount(self, lowers: list[Path], merged: Path, rundir: Path, mutating: bool,
-              timeout: float) -> Iterator[Mounted]:
+              timeout: float, user: "User | None" = None) -> Iterator[Mounted]:
         upper, work, mnt = rundir / "upper", rundir / "work", rundir / "mnt"
         logfile = rundir / f"{self.name}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        argv = self.argv(overlay_opts(lowers, upper, work), mnt)
+        if user is not None:
+            user.give(upper, work, mnt)
+            argv = user.argv() + argv  # mounted through fusermount3, as the user would
         with open(logfile, "wb") as lf:
-            proc = subprocess.Popen(self.argv(overlay_opts(lowers, upper, work), mnt),
+            proc = subprocess.Popen(argv,
                                     stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, env=env,
                                     cwd=REPO, start_new_session=True)
         watchdog: threading.Timer | None = None

@@ -8,8 +8,10 @@ a clean ``git status``) so a broken system fails loudly instead of looking fast.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -222,6 +224,84 @@ def untar(ctx: Ctx, mode: str) -> None:
     _sh(ctx, ["tar", "-xf", str(layers.stdlib_tar(ctx.cache, ctx.sizes)), "-C", str(dst)])
 
 
+def small_writes(ctx: Ctx, mode: str) -> None:
+    """Many 4-byte O_APPEND writes to one new file: one request each without write caching."""
+    n = ctx.sizes.small_writes
+    path = ctx.root / "appends.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+    try:
+        for _ in range(n):
+            os.write(fd, b"abc\n")
+    finally:
+        os.close(fd)
+    _check(os.stat(path).st_size == 4 * n, f"appended {os.stat(path).st_size} bytes, not {4 * n}")
+
+
+def _mixed_worker(root: str, lower_files: list[str], me: int, n: int) -> None:
+    """One process of the mixed load: its own dir for namespace changes, shared lower files
+    for appends (copy-ups), stats, reads and mmap reads; appends commute, so any order works."""
+    own, sub = f"{root}/load{me}", f"{root}/load{me}/sub"
+    os.mkdir(own)
+    os.mkdir(sub)
+    mine: list[str] = []
+    for i in range(n):
+        lower = f"{root}/{lower_files[(me * 7919 + i) % len(lower_files)]}"
+        op = i % 8
+        if op == 0 or not mine:
+            path = f"{own}/f{i}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, b"x" * 100)
+            os.close(fd)
+            mine.append(path)
+        elif op == 1:
+            fd = os.open(lower, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b"+")
+            os.close(fd)
+        elif op == 2:
+            new = f"{own}/r{i}"
+            os.rename(mine.pop(0), new)
+            mine.append(new)
+        elif op == 3:
+            new = f"{sub}/m{i}"
+            os.rename(mine.pop(), new)
+            mine.append(new)
+        elif op == 4:
+            os.unlink(mine.pop(0))
+        elif op == 5:
+            os.listdir(own)
+            os.listdir(os.path.dirname(lower))
+        elif op == 6:
+            os.stat(lower)
+            os.stat(mine[-1])
+        else:
+            fd = os.open(lower, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+                    _check(len(m[:size]) == size, "short mmap read")
+            finally:
+                os.close(fd)
+
+
+def mixed_load(ctx: Ctx, mode: str) -> None:
+    """``mixed_procs`` processes doing a fixed number of mixed operations each, at once."""
+    pids = []
+    for me in range(ctx.sizes.mixed_procs):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                _mixed_worker(str(ctx.root), ctx.fixture.info["files"], me, ctx.sizes.mixed_ops)
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported, then the child ends
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    failed = [pid for pid in pids if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    _check(not failed, f"{len(failed)} of {len(pids)} load processes failed (see stderr)")
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry
 
@@ -272,6 +352,11 @@ def all_workloads(s: Sizes) -> list[Workload]:
                  empty, untar, mutating=True),
         Workload("git-status", "git status in a stdlib repository in a lower",
                  layers.gitrepo, git_status, ("cold", "warm")),
+        Workload("small-writes", f"{s.small_writes:,} 4-byte O_APPEND writes to a new file",
+                 empty, small_writes, mutating=True, max_reps=3, ops=s.small_writes),
+        Workload("mixed-load", f"{s.mixed_procs} processes x {s.mixed_ops:,} mixed operations "
+                 "(create, append to lower, rename, unlink, readdir, stat, mmap read)",
+                 layers.small, mixed_load, mutating=True, ops=s.mixed_procs * s.mixed_ops),
     ]
     for n in s.lookup_layers:
         w.append(Workload(f"lookup-{n}", f"lstat {s.lookup_count:,} bottom-layer names, "
