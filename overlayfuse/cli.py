@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from .errors import OverlayfuseError
+from .fuseopts import log_ignored
 from .spec import OverlaySpec, parse_options
 from .validate import check_fuse_prerequisites, mount_at, validate
 
@@ -141,6 +142,7 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     validate(spec, mnt)
     chosen, why = choose_backend(spec, backend)
     log.info("%s", why)
+    log_ignored(other)
     if chosen == "kernel":
         return mount_kernel_backend(spec, mnt, other)
     return mount_fuse_backend(spec, mnt, other, foreground=foreground, debug=debug)

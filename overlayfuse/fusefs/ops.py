@@ -37,8 +37,8 @@ def _errors(handler):
     return wrapper
 
 
-def _caller(ctx: pyfuse3.RequestContext) -> dirops.Caller:
-    return dirops.Caller(ctx.uid, ctx.gid)
+def _caller(ovl: Overlay, ctx: pyfuse3.RequestContext) -> dirops.Caller:
+    return dirops.Caller.of_request(ovl, ctx.uid, ctx.gid)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -116,19 +116,20 @@ class OverlayOperations(pyfuse3.Operations):
     # -- namespace -------------------------------------------------------------------------
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node, st = dirops.mkdir(self.ovl, self.ovl.table.get(parent_inode), name, mode, _caller(ctx))
+        node, st = dirops.mkdir(self.ovl, self.ovl.table.get(parent_inode), name, mode,
+                                _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         node, st = dirops.mknod(self.ovl, self.ovl.table.get(parent_inode), name, mode, rdev,
-                                _caller(ctx))
+                                _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
         node, st = dirops.symlink(self.ovl, self.ovl.table.get(parent_inode), name, target,
-                                  _caller(ctx))
+                                  _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
@@ -159,7 +160,7 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         node, st, fd = dirops.create(self.ovl, self.ovl.table.get(parent_inode), name, mode,
-                                     flags, _caller(ctx))
+                                     flags, _caller(self.ovl, ctx))
         return fileops.adopt_fd(self.ovl, node, fd, flags), attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
