@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 
 from helpers import outcome
 from mounts import fuse_overlayfs_mount, make_layers, overlayfuse_mount
-from unpriv import SESSION_HOMES
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mapped mounts and setresuid need root"),
@@ -121,24 +119,11 @@ def upper_owners(upper: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A dir every user may traverse (pytest's tmp dirs are root's only), watched for leaked
-    mounts like the unprivileged homes, removed afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="ovf-idmap-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    SESSION_HOMES.append(d)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def test_mapped_mount_matches_fuse_overlayfs(open_dir: Path) -> None:
+def test_mapped_mount_matches_fuse_overlayfs(open_tmp: Path) -> None:
     results, uppers, unmapped_chown = {}, {}, {}
     mounts = {"fuse-overlayfs": fuse_overlayfs_mount, "overlayfuse": overlayfuse_mount}
     for name, mount in mounts.items():
-        lay = make_layers(open_dir / name, n_lowers=1)
+        lay = make_layers(open_tmp / name, n_lowers=1)
         build_lower(lay.lowers[0])
         with mount(lay.lowers, lay.upper, lay.work, lay.mnt, extra=MAP):
             results[name] = script(lay.mnt)
