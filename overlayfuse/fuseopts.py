@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # key -> True when it takes a value, False for a flag
 FUSE_ONLY = {"uidmapping": True, "gidmapping": True, "squash_to_root": False,
-             "squash_to_uid": True, "squash_to_gid": True, "static_nlink": False}
+             "squash_to_uid": True, "squash_to_gid": True, "static_nlink": False,
+             "noxattrs": True}
 FUSE_TUNING = {"timeout": True}
 
 IGNORED = {
@@ -35,8 +36,14 @@ IGNORED = {
     "noacl": "ACLs are never enabled in the kernel for this mount (pyfuse3 does not negotiate "
              "FUSE_POSIX_ACL): ACL xattrs are stored and returned as they are, not enforced",
     "xattr_permissions": "0 is the default: owners and modes are stored on the files",
+    "fsync": "fsync always reaches the upper filesystem, as with the kernel's overlayfs; "
+             "the volatile option skips it",
 }
-INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions")
+# the default value of an option that only FUSE honours: nothing to do, any backend will do
+DEFAULT_IS_IGNORED = {"noxattrs": "0"}
+INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions", "fsync", "noxattrs")
+
+FUSE, IGNORE = "fuse", "ignore"
 
 REFUSED = {
     "plugins": "fuse-overlayfs' layer plugins (shared objects loaded into the daemon) are not "
@@ -50,14 +57,16 @@ def _check_int(key: str, value: str) -> None:
         raise OverlayfuseError(f"{key}={value}: expected a number")
 
 
-def check(key: str, value: str | None) -> bool:
-    """Is ``key`` one of fuse-overlayfs' options handled here?  Raises OverlayfuseError for a
-    refused option or a bad value (one line, naming the option)."""
+def check(key: str, value: str | None) -> str | None:
+    """What to do with one of fuse-overlayfs' options: ``FUSE`` (keep it for the daemon),
+    ``IGNORE`` (accept it, with a note for -v), or None for an option that is not one of
+    them.  Raises OverlayfuseError for a refused option or a bad value (one line, naming the
+    option)."""
     if key in REFUSED:
         raise OverlayfuseError(f"option {key} is refused: {REFUSED[key]}")
     known = FUSE_ONLY.get(key, FUSE_TUNING.get(key))
     if known is None and key not in IGNORED:
-        return False
+        return None
     has_value = value is not None
     takes_value = known if known is not None else key != "noacl"
     if has_value != takes_value:
@@ -82,7 +91,9 @@ def check(key: str, value: str | None) -> bool:
             raise OverlayfuseError(
                 f"xattr_permissions={value} is not supported: overlayfuse keeps owners and "
                 "modes on the files themselves, not in an override xattr")
-    return True
+    if key in IGNORED or (key in DEFAULT_IS_IGNORED and DEFAULT_IS_IGNORED[key] == value):
+        return IGNORE
+    return FUSE
 
 
 def is_mapping_continuation(item: str) -> bool:
@@ -95,9 +106,11 @@ def ignored_notes(items: Iterable[str]) -> list[str]:
     """One sentence per ignored fuse-overlayfs option in ``items`` (for ``-v``)."""
     notes = []
     for item in items:
-        key = item.partition("=")[0]
+        key, _, value = item.partition("=")
         if key in IGNORED:
             notes.append(f"option {item} accepted and ignored: {IGNORED[key]}")
+        elif key in DEFAULT_IS_IGNORED and DEFAULT_IS_IGNORED[key] == value:
+            notes.append(f"option {item} accepted and ignored: it is the default")
     return notes
 
 

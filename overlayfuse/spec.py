@@ -31,7 +31,7 @@ HARMLESS_FLAGS = frozenset({
     "_netdev", "allow_other", "allow_root", "default_permissions", "auto_unmount",
 })
 HARMLESS_KEYS = frozenset({
-    "fsync", "context", "fscontext", "defcontext", "rootcontext", "max_read", "blksize",
+    "context", "fscontext", "defcontext", "rootcontext", "max_read", "blksize",
     "fsname", "subtype", "comment",
 })
 HARMLESS_PREFIXES = ("x-",)  # x-systemd.* and friends from /etc/fstab
@@ -196,8 +196,8 @@ def parse_options(text: str, cwd: str | None = None) -> tuple[OverlaySpec, tuple
             volatile = True
         elif (key in OVERLAY_KEYS and has_value) or (key in OVERLAY_FLAGS and not has_value):
             options.append((key, value if has_value else None))
-        elif fuseopts.check(key, value if has_value else None):
-            if key in fuseopts.IGNORED:
+        elif (kind := fuseopts.check(key, value if has_value else None)) is not None:
+            if kind == fuseopts.IGNORE:
                 other.append(item)
             else:
                 fuse_options.append((key, value if has_value else None))

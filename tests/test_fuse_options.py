@@ -75,7 +75,8 @@ def test_squash_shows_everyone_as_one_owner_and_keeps_writes_mapped() -> None:
     ("uidmapping=0:1:1", True), ("gidmapping=0:1:1", True), ("squash_to_root", True),
     ("squash_to_uid=5", True), ("squash_to_gid=5", True), ("static_nlink", True),
     ("timeout=5", False), ("noacl", False), ("threaded=1", False), ("fast_ino=1", False),
-    ("writeback=0", False), ("xattr_permissions=0", False),
+    ("writeback=0", False), ("xattr_permissions=0", False), ("noxattrs=1", True),
+    ("noxattrs=0", False), ("fsync=0", False),
 ])
 def test_which_options_only_fuse_can_honour(item: str, needs_fuse: bool) -> None:
     spec, _ = parse_options(f"lowerdir=/a,{item}", cwd="/")
@@ -191,14 +192,37 @@ def test_ignored_options_are_said_with_verbose(owned) -> None:  # noqa: ANN001
     mnt = owned.mnt
     with cli_mounted(mnt):
         r = ovf("mount", "-v", "-o", f"{layer_opts(owned)},threaded=1,fast_ino=1,writeback=1,"
-                "noacl,xattr_permissions=0", str(mnt))
+                "noacl,xattr_permissions=0,fsync=0,noxattrs=0", str(mnt))
         assert r.returncode == 0, r.stderr
-        for key in ("threaded=1", "fast_ino=1", "writeback=1", "noacl", "xattr_permissions=0"):
+        for key in ("threaded=1", "fast_ino=1", "writeback=1", "noacl", "xattr_permissions=0",
+                    "fsync=0", "noxattrs=0"):
             assert f"option {key} accepted and ignored: " in r.stderr
         assert (mnt / "root").read_text() == "root"
     with cli_mounted(mnt):  # without -v the drop-in form says nothing: engines parse stderr
         r = ovf("-o", f"{layer_opts(owned)},threaded=1,noacl", str(mnt))
         assert (r.returncode, r.stderr) == (0, "")
+
+
+@pytestmark_root
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_noxattrs_through_each_form(owned, form: str) -> None:  # noqa: ANN001
+    """``noxattrs=1``: the mount has no xattrs (EOPNOTSUPP), the layers keep theirs."""
+    os.setxattr(owned.lowers[0] / "root", "user.k", b"v")
+    mnt = owned.mnt
+    with cli_mounted(mnt):
+        r = ovf(*FORMS[form](f"{layer_opts(owned)},noxattrs=1", str(mnt)))
+        assert r.returncode == 0, r.stderr
+        for call in (lambda: os.getxattr(mnt / "root", "user.k"),
+                     lambda: os.listxattr(mnt / "root"),
+                     lambda: os.setxattr(mnt / "one", "user.k", b"w")):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == 95  # EOPNOTSUPP
+        assert not (owned.upper / "one").exists()
+    with cli_mounted(mnt):
+        r = ovf(*FORMS[form](f"{layer_opts(owned)},noxattrs=0", str(mnt)))
+        assert r.returncode == 0, r.stderr
+        assert os.getxattr(mnt / "root", "user.k") == b"v"
 
 
 @pytestmark_root
@@ -254,6 +278,8 @@ BAD = [
     ("threaded=yes", "threaded=yes: expected a number"),
     ("writeback=on", "writeback=on: expected a number"),
     ("noacl=1", "option noacl takes no value"),
+    ("noxattrs=all", "noxattrs=all: expected a number"),
+    ("fsync=off", "fsync=off: expected a number"),
     ("xattr_permissions=3", "xattr_permissions=3: expected 0, 1 or 2"),
     ("xattr_permissions=1", "xattr_permissions=1 is not supported"),
     ("plugins=/usr/lib/x.so", "option plugins is refused"),

@@ -30,13 +30,15 @@ class Config:
     as_root: bool = False
     owners: Owners = field(default_factory=Owners)  # uid/gid mapping and squashing
     static_nlink: bool = False  # every directory reports nlink 1 (fuse-overlayfs' option)
+    xattrs: bool = True  # noxattrs=1: the mount has no xattrs (fuse-overlayfs' option)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
         """The daemon's knobs for a spec's FUSE options (fuseopts.py checked their values)."""
         opts = spec.fuse_option_map()
         config = cls(as_root=as_root, owners=owners_from_options(opts),
-                     static_nlink="static_nlink" in opts)
+                     static_nlink="static_nlink" in opts,
+                     xattrs=int(opts.get("noxattrs") or 0) == 0)
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config
