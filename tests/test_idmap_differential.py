@@ -9,6 +9,7 @@ overlayfuse/idmap.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -159,3 +160,62 @@ def test_mapped_mount_matches_fuse_overlayfs(open_tmp: Path) -> None:
     # the deliberate difference: fuse-overlayfs stores the overflow ID (then shown as 165534)
     assert unmapped_chown["fuse-overlayfs"] == ("'ok'", "(165534, 165534)")
     assert unmapped_chown["overlayfuse"] == ("'EINVAL'", "(100000, 100000)")
+
+
+USER_SCRIPT = r"""
+import errno, json, os, sys
+m = sys.argv[1]
+def outcome(fn, *a):
+    try:
+        r = fn(*a)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "ok" if r is None else r
+def owner(p):
+    st = os.lstat(p)
+    return [st.st_uid, st.st_gid]
+out = {}
+out["stat f"] = outcome(owner, m + "/f")
+out["create n"] = outcome(lambda: os.close(os.open(m + "/n", os.O_CREAT | os.O_WRONLY, 0o644)))
+out["stat n"] = outcome(owner, m + "/n")
+out["chown f 0:0"] = outcome(os.chown, m + "/f", 0, 0)
+out["chown f 5:5"] = outcome(os.chown, m + "/f", 5, 5)
+out["stat f after"] = outcome(owner, m + "/f")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("case", ["squash_to_root", "plain", "own-as-root"])
+def test_unprivileged_squash_and_mapping_match_fuse_overlayfs(unprivileged, case: str) -> None:  # noqa: ANN001
+    """As a normal user (fusermount3, default_permissions): squash_to_root shows root's tree
+    (which the kernel then keeps the user from writing); a mapping of the user's own ID to 0
+    shows the user's files as root's.  Outcomes and the owners in the upper as fuse-overlayfs."""
+    u = unprivileged
+    options = {"squash_to_root": ("squash_to_root",), "plain": (),
+               "own-as-root": (f"uidmapping={u.uid}:0:1", f"gidmapping={u.gid}:0:1")}[case]
+    results, uppers = {}, {}
+    for name in ("fuse-overlayfs", "overlayfuse"):
+        lay = u.make_layers(n_lowers=1, name=name)
+        (lay.lowers[0] / "f").write_text("f")
+        os.chown(lay.lowers[0] / "f", u.uid, u.gid)
+        mount = u.fuse_overlayfs_mount if name == "fuse-overlayfs" else u.overlayfuse_mount
+        with mount(lay.lowers, lay.upper, lay.work, lay.mnt, extra=options):
+            r = u.run_as_user([u.python, "-c", USER_SCRIPT, str(lay.mnt)],
+                              capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+        results[name] = json.loads(r.stdout)
+        uppers[name] = upper_owners(lay.upper)
+    assert results["overlayfuse"] == results["fuse-overlayfs"]
+    assert uppers["overlayfuse"] == uppers["fuse-overlayfs"]
+    got, me = results["overlayfuse"], [u.uid, u.gid]
+    expected = {
+        "squash_to_root": {"stat f": [0, 0], "create n": "EACCES", "stat n": "ENOENT",
+                           "chown f 0:0": "EPERM", "chown f 5:5": "EPERM",
+                           "stat f after": [0, 0]},
+        "plain": {"stat f": me, "create n": "ok", "stat n": me, "chown f 0:0": "EPERM",
+                  "chown f 5:5": "EPERM", "stat f after": me},
+        "own-as-root": {"stat f": [0, 0], "create n": "EACCES", "stat n": "ENOENT",
+                        "chown f 0:0": "EPERM", "chown f 5:5": "EPERM",
+                        "stat f after": [0, 0]},
+    }[case]
+    assert got == expected

@@ -112,12 +112,13 @@ def disk_owner(ovl: Overlay, attr: pyfuse3.EntryAttributes,
 
 
 def _chown(ovl: Overlay, change, *args, **kwargs) -> None:
-    """Apply a chown; with squashing on, a refused chown is no error (fuse-overlayfs' rule:
-    the owners shown are made up anyway)."""
+    """Apply a chown; with squashing on, a chown the upper refuses (EPERM as a normal user,
+    EINVAL in a user namespace that lacks the ID) is no error: fuse-overlayfs' rule, the
+    owners shown are made up anyway."""
     try:
         change(*args, **kwargs)
-    except PermissionError:
-        if not ovl.config.owners.squashed:
+    except OSError as e:
+        if not ovl.config.owners.squashed or e.errno not in (errno.EPERM, errno.EINVAL):
             raise
 
 
