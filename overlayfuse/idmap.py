@@ -74,23 +74,23 @@ class IdMap:
                                            f"{'on-disk' if side == 'disk' else 'mapped'} side")
         return cls(tuple(ranges))
 
+    def _translate(self, id_: int, side: str, other: str) -> int | None:
+        for r in self.ranges:
+            start = getattr(r, side)
+            if start <= id_ < start + r.length:
+                return getattr(r, other) + id_ - start
+        return None
+
     def shown(self, disk_id: int, overflow: int) -> int:
         """The ID shown for an on-disk ID (``overflow`` when no range holds it)."""
         if not self.ranges:
             return disk_id
-        for r in self.ranges:
-            if r.disk <= disk_id < r.disk + r.length:
-                return r.shown + disk_id - r.disk
-        return overflow
+        found = self._translate(disk_id, "disk", "shown")
+        return overflow if found is None else found
 
     def disk(self, shown_id: int) -> int | None:
         """The on-disk ID of a shown ID, or None when no range maps to it."""
-        if not self.ranges:
-            return shown_id
-        for r in self.ranges:
-            if r.shown <= shown_id < r.shown + r.length:
-                return r.disk + shown_id - r.shown
-        return None
+        return shown_id if not self.ranges else self._translate(shown_id, "shown", "disk")
 
 
 def parse_id(text: str, key: str) -> int:
