@@ -29,6 +29,7 @@ HARMLESS_FLAGS = frozenset({
     "nosuid", "suid", "noexec", "exec", "sync", "async", "dirsync", "symfollow", "nosymfollow",
     "silent", "loud", "auto", "noauto", "nofail", "user", "nouser", "users", "owner", "group",
     "_netdev", "allow_other", "allow_root", "default_permissions", "auto_unmount",
+    "debug",  # libfuse's -o debug (fuse-overlayfs takes it): the command line turns it into -d
 })
 HARMLESS_KEYS = frozenset({
     "context", "fscontext", "defcontext", "rootcontext", "max_read", "blksize",
