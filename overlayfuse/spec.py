@@ -171,14 +171,15 @@ def parse_options(text: str, cwd: str | None = None) -> tuple[OverlaySpec, tuple
     options: list[Option] = []
     fuse_options: list[Option] = []
     other: list[str] = []
+    previous = ""
     for item in split_unescaped(text, ","):
         if not item:
             continue
-        if (fuse_options and fuse_options[-1][0] in ("uidmapping", "gidmapping")
-                and fuseopts.is_mapping_continuation(item)):
-            key, value = fuse_options.pop()
+        if previous in ("uidmapping", "gidmapping") and fuseopts.is_mapping_continuation(item):
+            key, value = fuse_options.pop()  # the ranges after a ',' (fuse-overlayfs' man page)
             item = f"{key}={value}:{item}"
         key, eq, value = item.partition("=")
+        previous = key
         has_value = bool(eq)
         if key == "lowerdir" and has_value:
             if not value:
