@@ -306,29 +306,3 @@ def test_bad_values_are_one_line_errors(owned, form: str, item: str, message: st
     assert message in lines[0]
     assert (sorted(os.listdir(owned.upper)), sorted(os.listdir(owned.work))) == before
 
-
-@pytestmark_root
-def test_o_debug_is_dash_d_in_the_fuse_overlayfs_form(owned) -> None:  # noqa: ANN001
-    """``-o debug`` as libfuse and fuse-overlayfs take it: debug output, in the foreground."""
-    mnt = owned.mnt
-    with cli_mounted(mnt):
-        proc = subprocess.Popen([sys.executable, "-m", "overlayfuse", "-o",
-                                 f"{layer_opts(owned)},debug", str(mnt)], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)),
-                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 20
-            while not is_mounted(mnt):
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "no mount within 20s"
-                time.sleep(0.02)
-            assert (mnt / "root").read_text() == "root"
-            assert proc.poll() is None  # still serving: the foreground
-            force_unmount(mnt)
-            assert proc.wait(10) == 0
-            assert "opcode: INIT" in proc.stderr.read()  # libfuse's request trace
-        finally:
-            if proc.poll() is None:
-                force_unmount(mnt)
-                proc.kill()
-                proc.wait()

@@ -121,7 +121,7 @@ class Podman:
 
 
 @pytest.fixture(scope="module")
-def podmen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Podman]]:
+def podmen() -> Iterator[dict[str, Podman]]:
     """One podman setup (with the image built) per mount program."""
     import tempfile
     from unpriv import SESSION_HOMES
