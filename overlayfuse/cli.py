@@ -17,7 +17,8 @@ import sys
 from typing import Sequence
 
 from .errors import OverlayfuseError
-from .spec import OverlaySpec, parse_options
+from .fuseopts import log_ignored
+from .spec import OverlaySpec, parse_options, split_unescaped
 from .validate import check_fuse_prerequisites, mount_at, validate
 
 log = logging.getLogger("overlayfuse")
@@ -144,6 +145,7 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     if chosen == "fuse":
         from .backends.fuse import transport_note
         log.info("fuse transport: %s", transport_note())
+    log_ignored(other)
     if chosen == "kernel":
         return mount_kernel_backend(spec, mnt, other)
     return mount_fuse_backend(spec, mnt, other, foreground=foreground, debug=debug)
@@ -191,10 +193,16 @@ def _setup_logging(verbose: bool, debug: bool) -> None:
     logging.basicConfig(level=level, format="overlayfuse: %(message)s", stream=sys.stderr)
 
 
+def wants_debug(options: Sequence[str]) -> bool:
+    """``-o debug`` (libfuse's and fuse-overlayfs' spelling of ``-d``)."""
+    return "debug" in split_unescaped(",".join(options), ",")
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose, args.debug)
+    debug = args.debug or wants_debug(args.options)
+    _setup_logging(args.verbose, debug)
     return do_mount(args.options, args.mountpoint, backend=args.backend,
-                    foreground=args.foreground, debug=args.debug)
+                    foreground=args.foreground, debug=debug)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -262,10 +270,12 @@ def dropin_main(argv: Sequence[str]) -> int:
         parser.error("expected [SOURCE] MNT")
     if not args.options:
         parser.error("-o lowerdir=... is required")
-    _setup_logging(False, args.debug)
-    # libfuse's convention (fuse-overlayfs follows it): -d means debug in the foreground
+    debug = args.debug or wants_debug(args.options)
+    _setup_logging(False, debug)
+    # libfuse's convention (fuse-overlayfs follows it): -d and -o debug mean debug in the
+    # foreground
     return do_mount(args.options, args.paths[-1], backend="fuse",
-                    foreground=args.foreground or args.debug, debug=args.debug)
+                    foreground=args.foreground or debug, debug=debug)
 
 
 def is_dropin(argv: Sequence[str]) -> bool:

@@ -7,6 +7,7 @@ whatever happens, and the command's exit status (128+signal for a signal) become
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Iterator, Sequence
 from .backends.base import SETUP_FAILED, CommandError
 from .backends.choose import BACKEND_NAMES, choose
 from .errors import OverlayfuseError
+from .fuseopts import ignored_notes
 from .probe import rmtree_force, signals_unwind
 from .spec import OverlaySpec, parse_options
 from .validate import validate_layers, validate_mountpoint
@@ -84,8 +86,7 @@ def _writable_layers(spec: OverlaySpec, writable: bool,
             if os.stat(work).st_dev != os.stat(upper).st_dev:
                 raise OverlayfuseError(f"{upper} is a mount point: its work dir in {parent} "
                                        "would be on another filesystem")
-        yield OverlaySpec(lowerdirs=spec.lowerdirs, upperdir=upper, workdir=work,
-                          volatile=spec.volatile, options=spec.options)
+        yield dataclasses.replace(spec, upperdir=upper, workdir=work)
     except OSError as e:
         raise OverlayfuseError(f"cannot prepare the writable layer: {e}") from None
     finally:
@@ -98,10 +99,14 @@ def _scratch_base(default: str) -> str:
     return os.environ.get("TMPDIR") or default
 
 
-def _parse_spec(text: str) -> OverlaySpec:
-    """The spec of ``-o``: the project's one option grammar, layers checked before anything."""
-    spec, _harmless = parse_options(text, cwd=os.getcwd())
+def _parse_spec(text: str, verbose: bool = False) -> OverlaySpec:
+    """The spec of ``-o``: the project's one option grammar, layers checked before anything;
+    with ``verbose``, a note for each fuse-overlayfs option that is accepted and ignored."""
+    spec, harmless = parse_options(text, cwd=os.getcwd())
     validate_layers(spec)
+    if verbose:
+        for note in ignored_notes(harmless):
+            print(f"overlayfuse: {note}", file=sys.stderr)
     return spec
 
 
@@ -140,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        spec = _parse_spec(args.options) if args.options else None
+        spec = _parse_spec(args.options, args.verbose) if args.options else None
         return run(spec, argv, backend=args.backend, mountpoint=args.mountpoint,
                    writable=args.writable, keep_upper=args.keep_upper,
                    map_root=args.map_root, verbose=args.verbose)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from . import fuseopts
 from .errors import OverlayfuseError
 
 Option = tuple[str, str | None]
@@ -28,13 +29,11 @@ HARMLESS_FLAGS = frozenset({
     "nosuid", "suid", "noexec", "exec", "sync", "async", "dirsync", "symfollow", "nosymfollow",
     "silent", "loud", "auto", "noauto", "nofail", "user", "nouser", "users", "owner", "group",
     "_netdev", "allow_other", "allow_root", "default_permissions", "auto_unmount",
-    # fuse-overlayfs knobs that have no meaning (or are the default) here
-    "squash_to_root", "static_nlink", "noacl", "threaded",
+    "debug",  # libfuse's -o debug (fuse-overlayfs takes it): the command line turns it into -d
 })
 HARMLESS_KEYS = frozenset({
-    "fsync", "context", "fscontext", "defcontext", "rootcontext", "max_read", "blksize",
-    "fsname", "subtype", "squash_to_uid", "squash_to_gid", "xattr_permissions", "timeout",
-    "threaded", "comment",
+    "context", "fscontext", "defcontext", "rootcontext", "max_read", "blksize",
+    "fsname", "subtype", "comment",
 })
 HARMLESS_PREFIXES = ("x-",)  # x-systemd.* and friends from /etc/fstab
 
@@ -55,6 +54,22 @@ class OverlaySpec:
     volatile: bool = False
     # overlay options kept as given (redirect_dir, index, xino, metacopy, userxattr, ...)
     options: tuple[tuple[str, str | None], ...] = field(default=())
+    # fuse-overlayfs' options for the daemon (uidmapping, squash_to_*, timeout, ...): see
+    # fuseopts.py; a kernel overlay never sees them
+    fuse_options: tuple[tuple[str, str | None], ...] = field(default=())
+
+    @property
+    def needs_fuse(self) -> str | None:
+        """Why only the FUSE backend can mount this spec (an option the kernel lacks), or None."""
+        keys = [k for k, _ in self.fuse_options if k in fuseopts.FUSE_ONLY]
+        if not keys:
+            return None
+        return (", ".join(dict.fromkeys(k + "=" if fuseopts.FUSE_ONLY[k] else k for k in keys))
+                + " can only be honoured by the FUSE backend")
+
+    def fuse_option_map(self) -> dict[str, str | None]:
+        """The FUSE options as a dict (the last value of a repeated key wins)."""
+        return dict(self.fuse_options)
 
     @property
     def readonly(self) -> bool:
@@ -80,7 +95,8 @@ class OverlaySpec:
             items.append("workdir=" + escape(self.workdir))
         if self.volatile:
             items.append("volatile")
-        items += [key if value is None else f"{key}={value}" for key, value in self.options]
+        items += [key if value is None else f"{key}={value}"
+                  for key, value in self.options + self.fuse_options]
         return ",".join(items)
 
     def option(self, key: str, default: str | None = None) -> str | None:
@@ -158,11 +174,17 @@ def parse_options(text: str, cwd: str | None = None) -> tuple[OverlaySpec, tuple
     upper = work = None
     volatile = False
     options: list[Option] = []
+    fuse_options: list[Option] = []
     other: list[str] = []
+    previous = ""
     for item in split_unescaped(text, ","):
         if not item:
             continue
+        if previous in ("uidmapping", "gidmapping") and fuseopts.is_mapping_continuation(item):
+            key, value = fuse_options.pop()  # the ranges after a ',' (fuse-overlayfs' man page)
+            item = f"{key}={value}:{item}"
         key, eq, value = item.partition("=")
+        previous = key
         has_value = bool(eq)
         if key == "lowerdir" and has_value:
             if not value:
@@ -181,6 +203,11 @@ def parse_options(text: str, cwd: str | None = None) -> tuple[OverlaySpec, tuple
             volatile = True
         elif (key in OVERLAY_KEYS and has_value) or (key in OVERLAY_FLAGS and not has_value):
             options.append((key, value if has_value else None))
+        elif (kind := fuseopts.check(key, value if has_value else None)) is not None:
+            if kind == fuseopts.IGNORE:
+                other.append(item)
+            else:
+                fuse_options.append((key, value if has_value else None))
         elif _is_harmless(key, has_value):
             other.append(item)
         else:
@@ -192,5 +219,6 @@ def parse_options(text: str, cwd: str | None = None) -> tuple[OverlaySpec, tuple
         given, missing = ("upperdir", "workdir") if work is None else ("workdir", "upperdir")
         raise OverlayfuseError(f"{given}= needs {missing}= too")
     spec = OverlaySpec(lowerdirs=tuple(lowers), upperdir=upper, workdir=work,
-                       volatile=volatile, options=tuple(options))
+                       volatile=volatile, options=tuple(options),
+                       fuse_options=tuple(fuse_options))
     return spec, tuple(other)

@@ -52,6 +52,21 @@ def _session_mount_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 @pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A fresh dir under /tmp that every user may traverse (pytest's tmp dirs are root's
+    only): for processes running as other IDs (mapped users, containers).  Watched for leaked
+    mounts like the unprivileged homes; removed afterwards."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="ovf-open-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    SESSION_HOMES.append(d)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def layers(tmp_path: Path) -> Layers:
     """Empty lower0, lower1, upper, work and mnt dirs in the test's tmp dir."""
     return make_layers(tmp_path)

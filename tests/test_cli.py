@@ -140,12 +140,15 @@ def test_fuse_overlayfs_form_read_only_and_ro_option(tree: Path) -> None:
         assert ovf("umount", str(mnt)).returncode == 0
 
 
-def test_fuse_overlayfs_form_foreground(tree: Path) -> None:
-    """``-f`` serves in the foreground until unmounted, then exits 0."""
+@pytest.mark.parametrize("flag, extra", [("-f", ""), (None, ",debug")])
+def test_fuse_overlayfs_form_foreground(tree: Path, flag: str | None, extra: str) -> None:
+    """``-f`` serves in the foreground until unmounted, then exits 0; ``-o debug`` (libfuse's
+    and fuse-overlayfs' spelling of ``-d``) does too, with libfuse's request trace."""
     mnt = tree / "mnt"
     with daemonized(mnt):
-        proc = subprocess.Popen([sys.executable, "-m", "overlayfuse", "-f", "-o",
-                                 "lowerdir=links/top:bottom,upperdir=up\\,per,workdir=wo\\:rk",
+        proc = subprocess.Popen([sys.executable, "-m", "overlayfuse", *filter(None, [flag]),
+                                 "-o", "lowerdir=links/top:bottom,upperdir=up\\,per,"
+                                 "workdir=wo\\:rk" + extra,
                                  str(mnt)], cwd=tree, env=cli_env(), stdin=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -157,6 +160,8 @@ def test_fuse_overlayfs_form_foreground(tree: Path) -> None:
             check_merged(tree, mnt)
             assert ovf("umount", str(mnt)).returncode == 0
             assert proc.wait(10) == 0
+            trace = "opcode: INIT" in proc.stderr.read()
+            assert trace == bool(extra)
         finally:
             if proc.poll() is None:
                 force_unmount(mnt)

@@ -68,14 +68,14 @@ def test_overlay_options_kept_in_order() -> None:
 
 def test_harmless_options_come_back_separately() -> None:
     text = ("lowerdir=/a,upperdir=/u,workdir=/w,ro,rw,lazytime,noatime,nodev,nosuid,noexec,dev,"
-            "suid,exec,atime,relatime,strictatime,fsync=0,squash_to_root,static_nlink,noacl,"
+            "suid,exec,atime,relatime,strictatime,fsync=0,noacl,"
             'context="system_u:object_r:container_file_t:s0:c1,c2",fscontext=a,defcontext=b,'
             "rootcontext=c,allow_other,default_permissions,max_read=131072,x-systemd.automount")
     spec, other = parse_options(text, cwd="/")
     assert spec == OverlaySpec(("/a",), "/u", "/w")
     assert other == ("ro", "rw", "lazytime", "noatime", "nodev", "nosuid", "noexec", "dev",
                      "suid", "exec", "atime", "relatime", "strictatime", "fsync=0",
-                     "squash_to_root", "static_nlink", "noacl",
+                     "noacl",
                      'context="system_u:object_r:container_file_t:s0:c1,c2"', "fscontext=a",
                      "defcontext=b", "rootcontext=c", "allow_other", "default_permissions",
                      "max_read=131072", "x-systemd.automount")
@@ -86,7 +86,6 @@ def test_harmless_options_come_back_separately() -> None:
     ("lowerdir=/a,frobnicate=1", "frobnicate"),
     ("lowerdir=/a,redirect_dir", "redirect_dir"),   # a key without its value
     ("lowerdir=/a,userxattr=1", "userxattr"),       # a flag with a value
-    ("lowerdir=/a,uidmapping=0:1000:1", "uidmapping"),
 ])
 def test_unknown_option_is_named(text: str, name: str) -> None:
     with pytest.raises(OverlayfuseError, match=name):

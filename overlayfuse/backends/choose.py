@@ -45,14 +45,16 @@ def choose(spec: OverlaySpec, purpose: Purpose, backend: str = "auto", *,
     """
     if purpose not in PREFERENCE:
         raise OverlayfuseError(f"unknown purpose {purpose!r}")
-    if backend == "fuse":
+    fuse_only = fuse_only_options(spec, purpose, backend)
+    if backend == "fuse" or fuse_only:
         # asked for by name: no trial daemon first (the mount itself is the trial and its
         # error the reason), only the checks that need no mount
-        chosen = get_backend(backend)
-        why_not = fuse_preconditions() or refusal(spec, backend)
+        chosen = get_backend("fuse")
+        why_not = fuse_preconditions() or refusal(spec, "fuse")
         if why_not:
             raise OverlayfuseError(f"backend fuse cannot {purpose} here: {why_not}")
-        return chosen, "backend fuse (asked for)"
+        return chosen, f"backend fuse (auto: {fuse_only})" if fuse_only else \
+            "backend fuse (asked for)"
     where = probe_dir_for(spec)
     report = run_probe(where, refresh=refresh).consider(spec)
     if backend != "auto":
@@ -74,3 +76,15 @@ def choose(spec: OverlaySpec, purpose: Purpose, backend: str = "auto", *,
             return get_backend(name), why
         refused.append(f"{name}: {verdict.reason}")
     raise OverlayfuseError(f"no backend can {purpose} this overlay here: " + "; ".join(refused))
+
+
+def fuse_only_options(spec: OverlaySpec, purpose: Purpose, backend: str) -> str | None:
+    """With options only the FUSE daemon can honour (uidmapping=, squash_to_*, ...: see
+    fuseopts.py), ``auto`` means FUSE: the reason, for -v.  A kernel backend asked for by
+    name is an error then, never a mount that silently drops the options."""
+    why = spec.needs_fuse
+    if why is None or backend == "fuse":
+        return None
+    if backend != "auto":
+        raise OverlayfuseError(f"backend {backend} cannot {purpose} this overlay: {why}")
+    return why

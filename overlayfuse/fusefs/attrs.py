@@ -21,7 +21,7 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     attr.entry_timeout = ovl.config.entry_timeout
     attr.attr_timeout = ovl.config.attr_timeout
     attr.st_mode = st.st_mode
-    if node.merged:
+    if node.merged or (ovl.config.static_nlink and node.is_dir):
         attr.st_nlink = 1  # as the kernel: counting subdirs of every layer isn't worth it
     elif node.nlink_override is not None:
         attr.st_nlink = node.nlink_override
@@ -29,8 +29,11 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
         attr.st_nlink = index.nlink(ovl, node) or st.st_nlink
     else:
         attr.st_nlink = st.st_nlink
-    attr.st_uid = st.st_uid
-    attr.st_gid = st.st_gid
+    owners = ovl.config.owners
+    if owners.identity:
+        attr.st_uid, attr.st_gid = st.st_uid, st.st_gid
+    else:
+        attr.st_uid, attr.st_gid = owners.shown(st.st_uid, st.st_gid)
     attr.st_rdev = st.st_rdev
     attr.st_size = st.st_size
     attr.st_blksize = st.st_blksize
@@ -83,26 +86,54 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     from .file import upper_handle_fd  # file.py imports this module for attributes
     ovl.require_writable()
     ovl.changed(node)
+    chown = disk_owner(ovl, attr, fields)
     fd = upper_handle_fd(ovl, fh) if fh is not None else -1
     if fd < 0 and node.parent is None and ovl.inofiles is not None:
         fd = ovl.inofiles.upper_fd(node)  # a nameless file: only its pinned fd reaches it
     if fd < 0:
         copy_up(ovl, node)
-        _setattr_path(ovl, node, attr, fields)
+        _setattr_path(ovl, node, attr, fields, chown)
     else:
-        _setattr_fd(fd, node, attr, fields)
+        _setattr_fd(ovl, fd, node, attr, fields, chown)
     return getattr_node(ovl, node)
 
 
-def _setattr_fd(fd: int, node: Node, attr: pyfuse3.EntryAttributes,
-                fields: pyfuse3.SetattrFields) -> None:
+def disk_owner(ovl: Overlay, attr: pyfuse3.EntryAttributes,
+               fields: pyfuse3.SetattrFields) -> tuple[int, int] | None:
+    """The on-disk (uid, gid) a chown asks for (-1: unchanged), None when it changes neither.
+
+    A shown ID that no ``uidmapping=``/``gidmapping=`` range maps has no on-disk ID: EINVAL,
+    what chown(2) says of an ID the caller's namespace does not map (see idmap.py).
+    """
+    if not (fields.update_uid or fields.update_gid):
+        return None
+    owners = ovl.config.owners
+    uid = owners.disk_uid(attr.st_uid) if fields.update_uid else -1
+    gid = owners.disk_gid(attr.st_gid) if fields.update_gid else -1
+    if uid is None or gid is None:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return uid, gid
+
+
+def _chown(ovl: Overlay, change, *args, **kwargs) -> None:
+    """Apply a chown; with squashing on, a chown the upper refuses (EPERM as a normal user,
+    EINVAL in a user namespace that lacks the ID) is no error: fuse-overlayfs' rule, the
+    owners shown are made up anyway."""
+    try:
+        change(*args, **kwargs)
+    except OSError as e:
+        if not ovl.config.owners.squashed or e.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+
+
+def _setattr_fd(ovl: Overlay, fd: int, node: Node, attr: pyfuse3.EntryAttributes,
+                fields: pyfuse3.SetattrFields, chown: tuple[int, int] | None) -> None:
     if fields.update_size:
         os.ftruncate(fd, attr.st_size)
     if fields.update_mode:
         os.fchmod(fd, stat.S_IMODE(attr.st_mode))
-    if fields.update_uid or fields.update_gid:
-        os.fchown(fd, attr.st_uid if fields.update_uid else -1,
-                  attr.st_gid if fields.update_gid else -1)
+    if chown is not None:
+        _chown(ovl, os.fchown, fd, *chown)
     if fields.update_atime or fields.update_mtime:
         st = os.fstat(fd)
         os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
@@ -110,7 +141,7 @@ def _setattr_fd(fd: int, node: Node, attr: pyfuse3.EntryAttributes,
 
 
 def _setattr_path(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
-                  fields: pyfuse3.SetattrFields) -> None:
+                  fields: pyfuse3.SetattrFields, chown: tuple[int, int] | None) -> None:
     if node.ino == ROOT:
         # the upper root itself: reach it through its held fd (a directory, never a symlink)
         dirfd, name, follow = None, b"/proc/self/fd/%d" % ovl.upper.root_fd, True
@@ -127,9 +158,8 @@ def _setattr_path(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
         if node.kind == stat.S_IFLNK:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         os.chmod(name, stat.S_IMODE(attr.st_mode), dir_fd=dirfd)
-    if fields.update_uid or fields.update_gid:
-        os.chown(name, attr.st_uid if fields.update_uid else -1,
-                 attr.st_gid if fields.update_gid else -1, dir_fd=dirfd, follow_symlinks=follow)
+    if chown is not None:
+        _chown(ovl, os.chown, name, *chown, dir_fd=dirfd, follow_symlinks=follow)
     if fields.update_atime or fields.update_mtime:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=follow)
         os.utime(name, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,

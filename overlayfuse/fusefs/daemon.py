@@ -119,7 +119,7 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
-    ovl = Overlay(spec, Config(as_root=os.geteuid() == 0))
+    ovl = Overlay(spec, Config.for_spec(spec, as_root=os.geteuid() == 0))
     ops = OverlayOperations(ovl, zero_opens=transport.zero_message_opens())
     log.debug("fuse transport: %s", transport.describe())
     try:

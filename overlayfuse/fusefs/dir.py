@@ -38,10 +38,23 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0
 
 
 class Caller:
-    """Who asked: as root the new entry gets the caller's uid/gid (setgid dirs keep theirs)."""
+    """Who asked: as root the new entry gets the caller's uid/gid (setgid dirs keep theirs),
+    as on-disk IDs: the request's IDs go back through ``uidmapping=``/``gidmapping=``."""
 
     def __init__(self, uid: int, gid: int) -> None:
         self.uid, self.gid = uid, gid
+
+    @classmethod
+    def of_request(cls, ovl: Overlay, uid: int, gid: int) -> "Caller":
+        """The caller of a request.  One whose ID no range maps (the host's root preparing a
+        container's tree: podman makes /etc/mtab so) creates entries owned by the overflow
+        ID on disk, as fuse-overlayfs does: refusing would break the container engines."""
+        if not ovl.config.as_root:
+            return cls(uid, gid)  # new entries belong to the daemon's user anyway
+        owners = ovl.config.owners
+        disk_uid, disk_gid = owners.disk_uid(uid), owners.disk_gid(gid)
+        return cls(owners.overflow_uid if disk_uid is None else disk_uid,
+                   owners.overflow_gid if disk_gid is None else disk_gid)
 
 
 def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> None:

@@ -38,8 +38,8 @@ def _errors(handler):
     return wrapper
 
 
-def _caller(ctx: pyfuse3.RequestContext) -> dirops.Caller:
-    return dirops.Caller(ctx.uid, ctx.gid)
+def _caller(ovl: Overlay, ctx: pyfuse3.RequestContext) -> dirops.Caller:
+    return dirops.Caller.of_request(ovl, ctx.uid, ctx.gid)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -127,19 +127,20 @@ class OverlayOperations(pyfuse3.Operations):
     # -- namespace -------------------------------------------------------------------------
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node, st = dirops.mkdir(self.ovl, self.ovl.table.get(parent_inode), name, mode, _caller(ctx))
+        node, st = dirops.mkdir(self.ovl, self.ovl.table.get(parent_inode), name, mode,
+                                _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         node, st = dirops.mknod(self.ovl, self.ovl.table.get(parent_inode), name, mode, rdev,
-                                _caller(ctx))
+                                _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
         node, st = dirops.symlink(self.ovl, self.ovl.table.get(parent_inode), name, target,
-                                  _caller(ctx))
+                                  _caller(self.ovl, ctx))
         return attrs.entry_attributes(self.ovl, node, st)
 
     @_errors
@@ -173,7 +174,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         ovl = self.ovl
         node, st, fd = dirops.create(ovl, ovl.table.get(parent_inode), name, mode, flags,
-                                     _caller(ctx))
+                                     _caller(ovl, ctx))
         if ovl.inofiles is not None:
             ovl.inofiles.adopt(node, fd, flags)  # file handle 0: requests name the inode
             info = pyfuse3.FileInfo(fh=0, keep_cache=ovl.config.keep_cache)

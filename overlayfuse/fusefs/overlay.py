@@ -5,12 +5,13 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 
 from .. import format as fmt
 from ..errors import OverlayfuseError
+from ..idmap import Owners, owners_from_options
 from ..spec import OverlaySpec
 from . import origin
 from .record import UpperRecord
@@ -29,6 +30,20 @@ class Config:
     attr_timeout: float = 86400.0
     keep_cache: bool = True
     as_root: bool = False
+    owners: Owners = field(default_factory=Owners)  # uid/gid mapping and squashing
+    static_nlink: bool = False  # every directory reports nlink 1 (fuse-overlayfs' option)
+    xattrs: bool = True  # noxattrs=1: the mount has no xattrs (fuse-overlayfs' option)
+
+    @classmethod
+    def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
+        """The daemon's knobs for a spec's FUSE options (fuseopts.py checked their values)."""
+        opts = spec.fuse_option_map()
+        config = cls(as_root=as_root, owners=owners_from_options(opts),
+                     static_nlink="static_nlink" in opts,
+                     xattrs=int(opts.get("noxattrs") or 0) == 0)
+        if opts.get("timeout") is not None:
+            config.entry_timeout = config.attr_timeout = float(opts["timeout"])
+        return config
 
 
 class Overlay:

@@ -41,6 +41,13 @@ def _shown_name(ovl: Overlay, real: bytes) -> bytes | None:
     return None
 
 
+def _require_xattrs(ovl: Overlay) -> None:
+    """With ``noxattrs=1`` the mount has no xattrs: ENOSYS, which the kernel remembers for the
+    mount and answers EOPNOTSUPP itself from then on (fuse-overlayfs' reply too)."""
+    if not ovl.config.xattrs:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+
 def _no_attr(e: OSError) -> None:
     if e.errno == errno.ENODATA:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -48,6 +55,7 @@ def _no_attr(e: OSError) -> None:
 
 
 def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
+    _require_xattrs(ovl)
     path, follow = _target(ovl, node)
     try:
         return os.getxattr(path, _real_name(ovl, name), follow_symlinks=follow)
@@ -56,12 +64,14 @@ def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
 
 
 def listxattr(ovl: Overlay, node: Node) -> list[bytes]:
+    _require_xattrs(ovl)
     path, follow = _target(ovl, node)
     shown = (_shown_name(ovl, os.fsencode(x)) for x in os.listxattr(path, follow_symlinks=follow))
     return [name for name in shown if name is not None]
 
 
 def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
+    _require_xattrs(ovl)
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
@@ -70,6 +80,7 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
 
 
 def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
+    _require_xattrs(ovl)
     ovl.require_writable()
     getxattr(ovl, node, name)  # as the kernel: a missing name fails before any copy-up
     copy_up(ovl, node)
