@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_systems(spec: str) -> tuple[list[systems.System], dict[str, str]]:
     """The systems to run and, for the others, why not."""
-    names = [x.strip() for x in spec.split(",") if x.strip()] if spec else list(systems.ALL)
+    names = ([x.strip() for x in spec.split(",") if x.strip()] if spec
+             else [n for n, s in systems.ALL.items() if s.default])
     unknown = [n for n in names if n not in systems.ALL]
     if unknown:
         raise UsageError(f"unknown system {unknown[0]!r} (choose from {', '.join(systems.ALL)})")

@@ -172,6 +172,11 @@ class System:
 
     name = ""
     is_fuse = False
+    default = True  # run when --systems is not given
+
+    def environ(self) -> dict[str, str]:
+        """Extra environment for a daemon of this system."""
+        return {}
 
     def available(self) -> str | None:
         """None when usable here, else why not."""
@@ -263,6 +268,7 @@ class _Daemon(System):
         logfile = rundir / f"{self.name}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env.update(self.environ())
         argv = self.argv(overlay_opts(lowers, upper, work), mnt)
         if user is not None:
             user.give(upper, work, mnt)
@@ -373,5 +379,17 @@ class Overlayfuse(_Daemon):
         return [*cmd, "-o", opts, str(mnt)]
 
 
-ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(), Raw())}
+class OverlayfuseClassic(Overlayfuse):
+    """overlayfuse with classic opens (OPEN/RELEASE per open) on the patched binding: the
+    zero-message-opens lever, measured side by side.  Run only when named in --systems."""
+
+    name = "overlayfuse-classic"
+    default = False
+
+    def environ(self) -> dict[str, str]:
+        return {"OVERLAYFUSE_CLASSIC_OPENS": "1"}
+
+
+ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
+                                               OverlayfuseClassic(), Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")
