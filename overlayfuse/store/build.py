@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from .. import run as run_module
+from ..run import run as run_in_view
 from ..errors import OverlayfuseError
 from . import catalog as cat
 from .config import Config
@@ -116,7 +116,7 @@ def _run_step(config: Config, parent: str, key: str, step: str,
     use = _stack_on(config, parent)
     started = time.monotonic()
     try:
-        status = run_module.run(use.spec, ["sh", "-c", step], backend=backend)
+        status = run_in_view(use.spec, ["sh", "-c", step], backend=backend)
         if status != 0:
             return status, parent
         assert use.tmp is not None and use.spec.upperdir is not None

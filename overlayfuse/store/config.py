@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Sequence
 
-from .. import run as run_module
+from ..run import run as run_in_view
 from ..backends import Mount
 from ..backends.choose import choose
 from ..errors import OverlayfuseError
@@ -268,7 +268,7 @@ class Config:
             use = take(self.store, self.name, mode=mode, snapshot=snapshot,
                        row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
             try:
-                return run_module.run(use.spec, argv, backend=backend, cwd=cwd, env=env,
+                return run_in_view(use.spec, argv, backend=backend, cwd=cwd, env=env,
                                       map_root=map_root, verbose=verbose)
             finally:
                 use.release()
