@@ -90,7 +90,7 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
             continue
         _say(f"{label} running: {step}")
         started = time.monotonic()
-        status, layer = _run_step(config, layer, key, step, backend)
+        status, layer = _run_step(config, layer, key, step, backend, no_cache)
         took = time.monotonic() - started
         if status != 0:
             _say(f"{label} failed with exit status {status} after {took:.1f} s: {step}")
@@ -109,8 +109,8 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
     return 0
 
 
-def _run_step(config: Config, parent: str, key: str, step: str,
-              backend: str) -> tuple[int, str]:
+def _run_step(config: Config, parent: str, key: str, step: str, backend: str,
+              no_cache: bool) -> tuple[int, str]:
     """Run one step on top of ``parent``: (exit status, the layer holding its result)."""
     store = config.store
     use = _stack_on(config, parent)
@@ -122,8 +122,15 @@ def _run_step(config: Config, parent: str, key: str, step: str,
         assert use.tmp is not None and use.spec.upperdir is not None
         changed = not is_empty_dir(use.spec.upperdir) or _root_changed(
             use.spec.upperdir, store.layout.layer(parent))
-        layer = cat.new_layer_id() if changed else parent
         with store.txn() as conn:
+            row = conn.execute("SELECT layer FROM steps WHERE config=? AND key=?",
+                               (config.name, key)).fetchone()
+            if row is not None and not no_cache:
+                return 0, row[0]     # a concurrent build of the same step was quicker
+            if parent not in cat.layer_ids(conn):
+                raise OverlayfuseError("a concurrent build replaced the layer below this "
+                                       "step; run the build again")
+            layer = cat.new_layer_id() if changed else parent
             if changed:
                 cat.add_layer(conn, layer, parent)
                 os.rename(use.spec.upperdir, store.layout.layer(layer))

@@ -45,6 +45,7 @@ class Layout:
 
     def create(self, owner: tuple[int, int] | None) -> None:
         """Make the base and its subdirs (mode 0755; given to ``owner`` when we are root)."""
+        os.makedirs(os.path.dirname(self.base), exist_ok=True)
         for d in (self.base, *(self.sub(s) for s in SUBDIRS)):
             try:
                 os.mkdir(d, 0o755)

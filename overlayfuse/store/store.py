@@ -25,6 +25,9 @@ from .locks import is_locked
 from .progress import Progress
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+# what new_layer_id makes: anything else in layers/ or work/ is not ours to remove (the probe
+# makes its scratch dirs beside the upper, i.e. in layers/)
+LAYER_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 def check_name(name: str, what: str) -> str:
@@ -225,6 +228,8 @@ class LayerStore:
                 "WHERE u.name=? AND c.name=? AND u.layer<>c.layer", (cat.UPPER, cat.CURRENT))}
             for kind in ("layers", "work"):
                 for name in sorted(os.listdir(self.layout.sub(kind))):
+                    if not LAYER_ID_RE.fullmatch(name):
+                        continue
                     keep = name in (known if kind == "layers" else uppers)
                     if keep or self.in_use(name, rows):
                         continue
