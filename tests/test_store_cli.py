@@ -215,3 +215,50 @@ def test_one_config_shows_the_same_tree_on_every_backend(tmp_path: Path) -> None
         seen[backend] = r.stdout
     assert seen["kernel"] == seen["fuse"] == seen["kernel-userns"]
     assert seen["kernel"] == repr(sorted(on_fuse.items())) + "\n"
+
+
+def test_a_killed_daemon_frees_the_layers_and_umount_takes_its_mount_down(tmp_path: Path
+                                                                          ) -> None:
+    base, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    ok(store(base, "init"))
+    ok(store(base, "mount", "--backend", "fuse", str(mnt)))
+    (mnt / "f").write_text("f")
+    pid = LayerStore(str(base)).mount_rows(LayerStore(str(base)).db())[0].pid
+    assert pid is not None
+    one_line_error(store(base, "snapshot", "s"), f"mounted writable at {mnt}")
+    os.kill(pid, 9)                                  # the daemon held the lock: now nobody
+    from mounts import wait_gone
+    assert wait_gone(pid)
+    ok(store(base, "snapshot", "s"))
+    ok(store(base, "umount", str(mnt)))              # the dead FUSE mount goes too
+    assert mounts_under(tmp_path) == []
+    assert ok(store(base, "run", "--", "cat", "f")) == "f"
+
+
+def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
+    import pty
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}").write_text("x" * 1000)
+    r = store(tmp_path / "quiet", "init", "--from", str(src))
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "overlayfuse", "store", "--base",
+                          str(tmp_path / "tty"), "init", "--from", str(src)],
+                         stderr=follower, stdout=subprocess.DEVNULL,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert p.wait(timeout=60) == 0
+    os.close(leader)
+    assert b"copying " in seen and b"entries" in seen and seen.endswith(b"\r\x1b[K")

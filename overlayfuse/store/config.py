@@ -17,6 +17,8 @@ from ..backends import Mount
 from ..backends.choose import choose
 from ..errors import OverlayfuseError
 from ..probe import signals_unwind, unmount_fuse
+from ..spec import OverlaySpec
+from ..sysmount.fsinfo import is_mountpoint
 from ..validate import validate_mountpoint
 from . import catalog as cat
 from .copytree import copy_tree
@@ -213,12 +215,16 @@ class Config:
         layers = [{"id": x, "parent": cat.parent_of(conn, x),
                    "size": tree_size(self.store.layout.layer(x)),
                    "held_by": cat.holders(conn, x)} for x in seen]
+        # the spec a writable mount would get (the probe runs beside the upper)
+        lowers = cat.chain(conn, cat.ref(conn, self.name, cat.CURRENT) or upper)
+        layout = self.store.layout
+        spec = OverlaySpec(lowerdirs=tuple(layout.layer(x) for x in lowers),
+                           upperdir=layout.layer(upper), workdir=layout.work(upper),
+                           options=self.store.options)
         backends = {}
         for purpose in ("mount", "run"):
             try:
-                spec = take(self.store, self.name, mode="readonly")
-                spec.release()
-                _chosen, why = choose(spec.spec, purpose, "auto")  # type: ignore[arg-type]
+                _chosen, why = choose(spec, purpose, "auto")  # type: ignore[arg-type]
             except OverlayfuseError as e:
                 why = f"none: {e}"
             backends[purpose] = why
@@ -303,17 +309,22 @@ def unmount_recorded(store: LayerStore, mountpoint: str) -> None:
     from ..backends.kernel import umount_retrying
     mnt = os.path.realpath(mountpoint)
     conn = store.db()
-    rows = [r for r in store.mount_rows(conn) if r.mountpoint == mnt]
-    if not rows:
+    live = [r for r in store.mount_rows(conn) if r.mountpoint == mnt]
+    # a daemon that was killed leaves a dead FUSE mount behind: still ours to take down
+    dead = conn.execute("SELECT backend, pid FROM mounts WHERE mountpoint=?", (mnt,)).fetchone()
+    if live:
+        backend, pid = live[0].backend, live[0].pid
+    elif dead is not None and dead[0] == "fuse" and is_mountpoint(mnt):
+        backend, pid = "fuse", None
+    else:
         raise OverlayfuseError(f"{mnt} is not a mount of the store {store.base}")
-    row = rows[0]
-    if row.backend == "kernel":
+    if backend == "kernel":
         try:
             umount_retrying(mnt)
         except OSError as e:
             raise OverlayfuseError(f"cannot unmount {mnt}: {e.strerror}") from None
     else:
-        unmount_fuse(mnt, row.pid)
+        unmount_fuse(mnt, pid)
     with store.txn() as conn:
         conn.execute("DELETE FROM mounts WHERE mountpoint=?", (mnt,))
     store.reap()

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..errors import OverlayfuseError
 from ..probe import rmtree_force
-from ..sysmount.fsinfo import mount_table
+from ..sysmount.fsinfo import is_mountpoint, mount_table
 from . import catalog as cat
 from .disk import Layout, remove_tmp_entries, stale_tmp_entries, tree_size
 from .locks import is_locked
@@ -220,9 +220,11 @@ class LayerStore:
             known = cat.layer_ids(conn)
             rows = self.mount_rows(conn)
             live = {r.mountpoint for r in rows}
+            # a dead FUSE mount stays recorded until ``store umount`` takes it down
             conn.executemany("DELETE FROM mounts WHERE mountpoint=?",
-                             [(m,) for (m,) in conn.execute("SELECT mountpoint FROM mounts")
-                              if m not in live])
+                             [(m,) for m, b in conn.execute("SELECT mountpoint, backend "
+                                                            "FROM mounts")
+                              if m not in live and not (b == "fuse" and is_mountpoint(m))])
             uppers = {u for (u,) in conn.execute(
                 "SELECT u.layer FROM refs u JOIN refs c ON u.config=c.config "
                 "WHERE u.name=? AND c.name=? AND u.layer<>c.layer", (cat.UPPER, cat.CURRENT))}
