@@ -53,6 +53,18 @@ class Scenario:
     def same(self, a: str, b: str) -> bool:
         return self.layer(a) == self.layer(b)
 
+    def expect(self, step: str, n_layers: int, same: list[tuple[str, str]] = [],
+               differ: list[tuple[str, str]] = [], holders: dict[str, int] = {}) -> None:
+        """Log the state after ``step``, then check it as mock's test does."""
+        self.state(step)
+        assert self.n_layers() == n_layers, step
+        for a, b in same:
+            assert self.same(a, b), f"{step}: {a} and {b} should share a layer"
+        for a, b in differ:
+            assert not self.same(a, b), f"{step}: {a} and {b} should not share a layer"
+        for ref, n in holders.items():
+            assert self.holders(ref) == n, f"{step}: {ref} has {self.holders(ref)} holders"
+
 
 @pytest.fixture(params=["kernel", "fuse"])
 def scenario(request: pytest.FixtureRequest, tmp_path: Path) -> Scenario:
@@ -64,79 +76,45 @@ def test_mock_layer_scenario(scenario: Scenario) -> None:
     s, c = scenario, scenario.config
     base, upper, current = ".base", ".upper", ".current"
     c.init()
-    s.state("init")
-    assert s.n_layers() == 1
-    assert s.same(base, upper) and s.same(base, current) and s.same(base, "postinit")
-    assert s.holders(base) == 4                      # .base .upper .current postinit
-
+    s.expect("init", 1, same=[(base, upper), (base, current), (base, "postinit")],
+             holders={base: 4})                      # .base .upper .current postinit
     s.mount_and_write("one")
-    s.state("mount")
-    assert s.n_layers() == 2
-    assert not s.same(base, upper) and s.same(base, current)
-    assert s.holders(base) == 4                      # .base .current postinit + child
-    assert s.holders(upper) == 1
-
+    s.expect("mount", 2, same=[(base, current)], differ=[(base, upper)],
+             holders={base: 4, upper: 1})            # .base .current postinit + child
     c.snapshot("a")
-    s.state("snapshot a")
-    assert s.n_layers() == 2
-    assert s.same("a", upper) and s.same("a", current)
-    assert s.holders(base) == 3 and s.holders("a") == 3
-
+    s.expect("snapshot a", 2, same=[("a", upper), ("a", current)], holders={base: 3, "a": 3})
     s.mount_and_write("two")
-    s.state("mount")
-    assert s.n_layers() == 3
-    assert not s.same("a", upper) and s.same("a", current)
-    assert s.holders("a") == 3 and s.holders(upper) == 1
-
+    s.expect("mount", 3, same=[("a", current)], differ=[("a", upper)],
+             holders={"a": 3, upper: 1})
     c.rollback("a")
-    s.state("rollback a")
-    assert s.n_layers() == 2
-    assert s.same("a", upper) and s.same("a", current)
-    assert s.holders(base) == 3 and s.holders("a") == 3
-
+    s.expect("rollback a", 2, same=[("a", upper), ("a", current)], holders={base: 3, "a": 3})
     s.mount_and_write("three")
-    s.state("mount")
-    assert s.n_layers() == 3
+    s.expect("mount", 3, same=[("a", current)], differ=[("a", upper)],
+             holders={"a": 3, upper: 1})
     c.snapshot("b")
-    s.state("snapshot b")
-    assert s.n_layers() == 3
-    assert s.same("b", upper) and s.same("b", current)
-    assert s.holders("a") == 2 and s.holders("b") == 3
-
+    s.expect("snapshot b", 3, same=[("b", upper), ("b", current)], holders={"a": 2, "b": 3})
     s.mount_and_write("four")
     s.mount_and_write("five")                        # the second mount reuses the upper
-    s.state("two mounts")
-    assert s.n_layers() == 4
-    assert not s.same("a", upper) and not s.same("b", upper) and s.same("b", current)
-    assert s.holders("b") == 3
-
+    s.expect("two mounts", 4, same=[("b", current)], differ=[("a", upper), ("b", upper)],
+             holders={"b": 3})
     c.rollback("postinit")
-    s.state("rollback postinit")
-    assert s.n_layers() == 3
-    assert s.same(base, upper) and s.same(base, current)
-    assert s.holders(base) == 5 and s.holders("a") == 2 and s.holders("b") == 1
+    s.expect("rollback postinit", 3, same=[(base, upper), (base, current)],
+             holders={base: 5, "a": 2, "b": 1})
     with c.mount(str(s.mnt), s.backend):
         assert sorted(os.listdir(s.mnt)) == []       # the base layer: empty again
-    s.state("mount (postinit)")
-    assert s.n_layers() == 4
-
+    s.expect("mount (postinit)", 4)
     c.clean()
-    s.state("clean")
-    assert s.n_layers() == 3
+    s.expect("clean", 3)
     c.rollback("b")
     with c.mount(str(s.mnt), s.backend):
         assert sorted(os.listdir(s.mnt)) == ["one", "three"]
     c.rollback("postinit")
-
     c.remove_snapshot("a")
-    s.state("remove-snapshot a")
-    assert s.n_layers() == 3 and "a" not in c.refs()
-    assert s.holders(base) == 5 and s.holders("b") == 1
-
+    s.expect("remove-snapshot a", 3, holders={base: 5, "b": 1})
+    assert "a" not in c.refs()
     c.remove_snapshot("b")
-    s.state("remove-snapshot b")
-    assert s.n_layers() == 1 and "b" not in c.refs()
-    assert s.same(base, upper) and s.holders(base) == 4
+    s.expect("remove-snapshot b", 1, same=[(base, upper)], holders={base: 4})
+    assert "b" not in c.refs()
     print("\n" + "\n".join(s.log))
 
 

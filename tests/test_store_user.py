@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mounts import diff_trees, mounts_under, tree_snapshot
+from mounts import mounts_under
 from overlayfuse import LayerStore
 from unpriv import Unprivileged
 

@@ -8,7 +8,6 @@ import argparse
 import sqlite3
 import sys
 
-from ..backends.base import SETUP_FAILED, CommandError
 from ..backends.choose import BACKEND_NAMES
 from ..errors import OverlayfuseError
 from .disk import human
@@ -105,23 +104,13 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("overlayfuse: store run needs a command: overlayfuse store run [...] -- CMD",
-              file=sys.stderr)
-        return 2
-    try:
+    from ..run import command_status
+
+    def call(argv: list[str]) -> int:
         return store.config(args.config).run(argv, writable=args.writable,
                                               snapshot=args.snapshot, backend=args.backend,
                                               map_root=args.map_root, verbose=args.verbose)
-    except CommandError as e:
-        print(f"overlayfuse: {e}", file=sys.stderr)
-        return e.status
-    except OverlayfuseError as e:
-        print(f"overlayfuse: {e}", file=sys.stderr)
-        return SETUP_FAILED
+    return command_status(args.command, "overlayfuse store run [...] -- CMD [ARGS]", call)
 
 
 def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:

@@ -280,6 +280,11 @@ class Config:
                 use.release()
                 self.store.reap()
 
+    def build(self, stepfile: str, **kwargs: object) -> int:
+        """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""
+        from .build import build
+        return build(self, stepfile, **kwargs)  # type: ignore[arg-type]
+
     def use(self, mode: str, snapshot: str | None = None) -> Use:
         """The layers taken for a use of one's own (``build`` stacks steps with it)."""
         return take(self.store, self.name, mode=mode, snapshot=snapshot)

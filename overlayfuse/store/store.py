@@ -18,6 +18,7 @@ from typing import Iterator
 
 from ..errors import OverlayfuseError
 from ..probe import rmtree_force
+from ..probe.scratch import remove_stale_scratch
 from ..sysmount.fsinfo import is_mountpoint, mount_table
 from . import catalog as cat
 from .disk import Layout, remove_tmp_entries, stale_tmp_entries, tree_size
@@ -178,7 +179,7 @@ class LayerStore:
                 table = table if table is not None else mount_table()
                 if any(e.mountpoint == row.mountpoint and e.fstype == "overlay" for e in table):
                     live.append(row)
-            elif row.pid is not None and _pid_alive(row.pid) and row.layers and \
+            elif row.pid is not None and os.path.isdir(f"/proc/{row.pid}") and row.layers and \
                     is_locked(self.layout.lock(row.layers[0])):
                 live.append(row)
         return live
@@ -255,6 +256,8 @@ class LayerStore:
         progress = progress or Progress("gc")
         with self.txn() as conn:
             dropped = len(cat.drop_unheld(conn))
+        # a probe killed with its store command left its scratch dir beside the uppers
+        remove_stale_scratch(self.layout.sub("layers"))
         stale = stale_tmp_entries(self.layout)
         remove_tmp_entries(self.layout, stale, progress)
         removed = self.reap(progress)
@@ -264,16 +267,6 @@ class LayerStore:
         progress.done()
         return {"layers": len(cat.layer_ids(conn)), "dropped": dropped, "removed": removed,
                 "leftovers": len(stale), "missing": len(missing)}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _raise_fd_limit() -> None:
