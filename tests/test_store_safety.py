@@ -293,3 +293,26 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
           f"{sum(errors.values())} refused {errors}, {len(seen)} frozen layers "
           f"fingerprinted over {checks} passes, none changed")
     assert sum(counts.values()) > 100
+
+
+def test_a_command_outliving_its_killed_run_still_holds_the_upper(tmp_path: Path) -> None:
+    base = tmp_path / "store"
+    subprocess.run(ovf_cmd(base, "init"), env=ENV, check=True)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(ovf_cmd(base, "run", "--", "sh", "-c",
+                                    f"echo a > a; touch {ready}; sleep 3; echo b > b"),
+                            env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)                # only the store process, not its command
+    proc.wait()
+    r = subprocess.run(ovf_cmd(base, "snapshot", "s"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "in use by" in r.stderr, r.stderr
+    _wait_group_gone(proc.pid)                       # the command finishes its work
+    subprocess.run(ovf_cmd(base, "snapshot", "s"), env=ENV, check=True)
+    r = subprocess.run(ovf_cmd(base, "run", "--", "cat", "a", "b"), env=ENV,
+                       capture_output=True, text=True)
+    assert r.stdout == "a\nb\n"
+    check_consistent(base)

@@ -246,6 +246,9 @@ class Config:
             chosen, why = choose(use.spec, "mount", backend)
             if verbose:
                 print(f"overlayfuse: {why}", file=sys.stderr)
+            if chosen.name == "kernel":
+                # recorded first: once mounted, nothing but this row holds the layers
+                use.record(chosen.name, None)
             inner = chosen.mount(use.spec, target)
             use.record(chosen.name, inner.pid)
         except BaseException:

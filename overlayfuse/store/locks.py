@@ -1,10 +1,11 @@
 """Locks that die with their holder: flock(2) on files, never mkdir.
 
 A layer in use holds ``locks/<id>`` (shared as a lower, exclusive as the upper of a writable
-mount or run).  flock belongs to the open file, so a FUSE daemon forked by ``mount`` inherits
-the descriptor and holds the layers for as long as it serves; the descriptors are close-on-exec,
-so a command that ``run`` starts does not.  A probe on a fresh descriptor (:func:`is_locked`)
-conflicts with those of this very process too.
+mount or run).  flock belongs to the open file, so a FUSE daemon forked by ``mount`` holds the
+layers for as long as it serves, and the descriptors are inheritable, so the command ``run``
+starts (and anything it leaves running in its mount namespace) holds them too: the layers
+stay taken while anything can still write them, even when we are killed.  A probe on a fresh
+descriptor (:func:`is_locked`) conflicts with those of this very process too.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class LayerLocks:
 
     def take(self, path: str, exclusive: bool) -> bool:
         """Lock ``path`` (created if missing) without waiting: False when someone holds it."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.set_inheritable(fd, True)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as e:
@@ -71,7 +73,8 @@ def held_fresh(path: str) -> int:
     """Create ``path`` and hold it exclusively: its fd.  Re-checked after locking, so a
     ``gc`` that removed a not yet locked file in between cannot leave us holding a ghost."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.set_inheritable(fd, True)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
