@@ -92,7 +92,7 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
     rng = random.Random(1234)
     finished: dict[str, str] = {}   # snapshot made by a command that exited 0 -> its marker
     kills = completed = 0
-    runs = 60
+    runs = 50
     for i in range(runs):
         marker = f"m{i}"
         kind = rng.choice(["snapshot", "rollback", "init", "run", "build", "remove", "clean"])

@@ -59,6 +59,9 @@ def test_user_round_trip_and_root_on_the_users_store(unprivileged: Any) -> None:
     out = ok(as_user(u, base, "run", "-v", "--", "sh", "-c", "cat f; ls d; id -u"))
     assert "backend kernel-userns" in out
     assert "new\n" in out and f"{u.uid}\n" in out and "x\n" not in out
+    info = ok(as_user(u, base, "info"))
+    assert "xattrs:    user.overlay.*" in info
+    assert "mount:     backend fuse" in info and "run:       backend kernel-userns" in info
     ok(as_user(u, base, "run", "--writable", "--", "rm", "f"))
     assert "new" in ok(as_user(u, base, "run", "--", "cat", "f"))
     # the layers are the user's, in the user's namespace: whiteouts are 0/0 devices
