@@ -67,8 +67,11 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
     if not config.exists():
         config.init(from_dir=from_dir, from_config=from_config)
     elif from_dir is not None or from_config is not None:
-        asked = (f"dir {os.path.realpath(from_dir)}" if from_dir is not None
-                 else f"config {from_config if ':' in from_config else from_config + ':(current)'}")  # type: ignore[operator]
+        if from_dir is not None:
+            asked = f"dir {os.path.realpath(from_dir)}"
+        else:
+            other, _, snap = (from_config or "").partition(":")
+            asked = f"config {other}:{snap or '(current)'}"
         if asked != config.origin:
             raise OverlayfuseError(f"config {config.name!r} exists and was made from "
                                    f"{config.origin}, not {asked} (scrub it to start over)")

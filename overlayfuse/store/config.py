@@ -8,6 +8,7 @@ layer.  Every operation is one transaction, then the disk follows (``LayerStore.
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 from typing import Sequence
@@ -43,8 +44,8 @@ class Config:
     def exists(self) -> bool:
         return self.store.exists() and cat.config_exists(self.store.db(), self.name)
 
-    def _require(self, conn: object) -> None:
-        if not cat.config_exists(conn, self.name):  # type: ignore[arg-type]
+    def _require(self, conn: sqlite3.Connection) -> None:
+        if not cat.config_exists(conn, self.name):
             raise OverlayfuseError(f"no config {self.name!r} in the store {self.store.base} "
                                    "(overlayfuse store init makes one)")
 
@@ -93,15 +94,15 @@ class Config:
                 self._create_rows(conn, f"dir {from_dir}" if from_dir else "empty", layer)
                 os.rename(layer_dir, store.layout.layer(layer))
 
-    def _refuse_existing(self, conn: object) -> None:
-        if cat.config_exists(conn, self.name):  # type: ignore[arg-type]
+    def _refuse_existing(self, conn: sqlite3.Connection) -> None:
+        if cat.config_exists(conn, self.name):
             raise OverlayfuseError(f"config {self.name!r} exists already in {self.store.base}")
 
-    def _create_rows(self, conn: object, origin: str, layer: str) -> None:
-        conn.execute("INSERT INTO configs(name, origin, created) VALUES (?, ?, ?)",  # type: ignore[attr-defined]
+    def _create_rows(self, conn: sqlite3.Connection, origin: str, layer: str) -> None:
+        conn.execute("INSERT INTO configs(name, origin, created) VALUES (?, ?, ?)",
                      (self.name, origin, time.time()))
         for ref in (cat.BASE, cat.CURRENT, cat.UPPER, POSTINIT):
-            cat.set_ref(conn, self.name, ref, layer)  # type: ignore[arg-type]
+            cat.set_ref(conn, self.name, ref, layer)
 
     @property
     def origin(self) -> str:
@@ -111,12 +112,12 @@ class Config:
 
     # -- snapshots ----------------------------------------------------------------------------
 
-    def _busy_upper(self, conn: object, doing: str) -> str:
+    def _busy_upper(self, conn: sqlite3.Connection, doing: str) -> str:
         """The upper layer, or an error when a writable mount or run holds it."""
         self._require(conn)
-        upper = cat.ref(conn, self.name, cat.UPPER)  # type: ignore[arg-type]
+        upper = cat.ref(conn, self.name, cat.UPPER)
         assert upper is not None
-        why = self.store.writer_of(conn, upper)  # type: ignore[arg-type]
+        why = self.store.writer_of(conn, upper)
         if why:
             raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is {why}")
         return upper
