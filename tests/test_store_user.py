@@ -99,3 +99,23 @@ def test_user_round_trip_and_root_on_the_users_store(unprivileged: Any) -> None:
     assert sorted(ok(as_user(u, base, "snapshots")).splitlines()) == ["  postinit", "* s"]
     ok(as_user(u, base, "scrub"))
     assert os.listdir(base / "layers") == []
+
+
+def test_user_build_is_cached_and_its_layers_are_the_users(unprivileged: Any) -> None:
+    u: Unprivileged = unprivileged
+    base, steps = u.home / "store", u.home / "steps"
+    steps.write_text("mkdir -p opt && echo built > opt/v\nid -u > opt/uid\n")
+    u.chown(steps)
+    build = [u.python, "-m", "overlayfuse", "build", "--base", str(base), "--config", "app",
+             "--tag", "v1", str(steps)]
+    r = u.run(build, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "built app: 2 steps, 0 cached, tagged v1" in r.stderr
+    r = u.run(build, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "2 cached" in r.stderr, r.stderr
+    out = ok(as_user(u, base, "--config", "app", "run", "--snapshot", "v1", "--",
+                     "cat", "opt/v", "opt/uid"))
+    assert out.startswith(f"built\n{u.uid}\n")
+    for d, dirs, files in os.walk(base / "layers"):
+        for name in dirs + files:
+            assert os.lstat(os.path.join(d, name)).st_uid == u.uid, name
