@@ -262,3 +262,24 @@ def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
     assert p.wait(timeout=60) == 0
     os.close(leader)
     assert b"copying " in seen and b"entries" in seen and seen.endswith(b"\r\x1b[K")
+
+
+def test_the_python_api_takes_configs_and_snapshots(tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    import overlayfuse
+    config = overlayfuse.LayerStore(str(tmp_path / "store")).config("api")
+    config.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with overlayfuse.mount(config, str(mnt)) as m:
+        assert m.mounted and m.spec.upperdir is not None
+        (mnt / "f").write_text("1\n")
+    snap = config.snapshot("one")
+    assert overlayfuse.run(config, ["sh", "-c", "echo 2 > f"]) == 0       # kept
+    assert overlayfuse.run(snap, ["sh", "-c", "cat f; echo 3 > f"], writable=True) == 0
+    assert overlayfuse.run(config, ["cat", "f"]) == 0
+    assert capfd.readouterr().out == "1\n2\n"
+    with overlayfuse.mount(snap, str(mnt)) as m:                           # read-only
+        assert m.spec.upperdir is None and (mnt / "f").read_text() == "1\n"
+    assert [(s.name, s.current) for s in config.snapshots()] == [("postinit", False),
+                                                                  ("one", True)]
