@@ -23,7 +23,8 @@ class LayerLocks:
 
     def take(self, path: str, exclusive: bool) -> bool:
         """Lock ``path`` (created if missing) without waiting: False when someone holds it."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # read-only: root working on a user's store leaves lock files the user can still open
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         os.set_inheritable(fd, True)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -73,7 +74,7 @@ def held_fresh(path: str) -> int:
     """Create ``path`` and hold it exclusively: its fd.  Re-checked after locking, so a
     ``gc`` that removed a not yet locked file in between cannot leave us holding a ghost."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         os.set_inheritable(fd, True)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
