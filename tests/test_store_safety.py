@@ -96,6 +96,9 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
     for i in range(runs):
         marker = f"m{i}"
         kind = rng.choice(["snapshot", "rollback", "init", "run", "build", "remove", "clean"])
+        spared = i % 4 == 3          # every fourth runs to its end: some work must stick
+        if spared and rng.random() < 0.5:
+            kind = "snapshot"        # ... and leaves snapshots that must survive what follows
         snaps = [k.split(":", 1)[1] for k in finished if k.startswith("default:")]
         if kind == "snapshot":
             # a change and a snapshot in one command line: killed anywhere in between
@@ -120,8 +123,9 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
         proc = subprocess.Popen(argv, env=ENV, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         estimate = typical.get(kind, typical[""])
-        time.sleep(rng.uniform(0, 1.3 * estimate))
-        if proc.poll() is None:
+        if not spared:
+            time.sleep(rng.uniform(0, 1.3 * estimate))
+        if not spared and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
             typical[kind] = estimate * 1.15   # killed: aim a little later next time
@@ -146,7 +150,7 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
     assert mounts_under(tmp_path) == []
     print(f"\nkill test: {runs} commands, {kills} killed, {completed} completed, "
           f"{len(finished)} snapshots checked")
-    assert kills >= runs // 3 and completed >= runs // 10
+    assert kills >= runs // 3 and completed >= runs // 4
 
 
 def _wait_group_gone(pgid: int) -> None:

@@ -26,7 +26,7 @@ from .copytree import copy_tree
 from .disk import TmpEntry, make_layer_root, tree_size
 from .progress import Progress
 from .store import LayerStore, check_name
-from .use import Use, take
+from .use import take
 
 POSTINIT = "postinit"
 
@@ -288,10 +288,6 @@ class Config:
         """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""
         from .build import build
         return build(self, stepfile, **kwargs)  # type: ignore[arg-type]
-
-    def use(self, mode: str, snapshot: str | None = None) -> Use:
-        """The layers taken for a use of one's own (``build`` stacks steps with it)."""
-        return take(self.store, self.name, mode=mode, snapshot=snapshot)
 
 
 class Snapshot:

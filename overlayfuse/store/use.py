@@ -8,7 +8,7 @@ descriptors holds the layers: this process, or the FUSE daemon it forks.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
@@ -31,7 +31,6 @@ class Use:
     locks: LayerLocks
     row: str | None = None           # the mounts row (mount point or run key)
     tmp: TmpEntry | None = None      # a throwaway upper, removed on release
-    extra: list[TmpEntry] = field(default_factory=list)
 
     def record(self, backend: str, pid: int | None) -> None:
         if self.row is None:
