@@ -23,7 +23,7 @@ from .validate import check_fuse_prerequisites, mount_at, validate
 
 log = logging.getLogger("overlayfuse")
 
-SUBCOMMANDS = ("mount", "umount", "check", "run")
+SUBCOMMANDS = ("mount", "umount", "check", "run", "store", "build")
 BACKENDS = ("auto", "kernel", "fuse")
 USAGE_ERROR = 2
 
@@ -240,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .probe import add_check_parser
     from .run import add_run_parser
+    from .store.cli import add_store_parsers
     add_check_parser(sub)
     add_run_parser(sub)
+    add_store_parsers(sub)
     return p
 
 

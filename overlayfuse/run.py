@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .backends.base import SETUP_FAILED, CommandError
 from .backends.choose import BACKEND_NAMES, choose
@@ -137,18 +137,25 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Entry for ``overlayfuse run``: CMD's exit status, 125 for our own failure."""
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        print("overlayfuse: run needs a command: overlayfuse run [...] -- CMD [ARGS]",
-              file=sys.stderr)
-        return 2
-    try:
+    def call(argv: list[str]) -> int:
         spec = _parse_spec(args.options, args.verbose) if args.options else None
         return run(spec, argv, backend=args.backend, mountpoint=args.mountpoint,
                    writable=args.writable, keep_upper=args.keep_upper,
                    map_root=args.map_root, verbose=args.verbose)
+    return command_status(args.command, "overlayfuse run [...] -- CMD [ARGS]", call)
+
+
+def command_status(command: Sequence[str], usage: str, call: Callable[[list[str]], int]) -> int:
+    """What ``run`` and ``store run`` share: the command after ``--``, its exit status from
+    ``call``, 126/127 when it cannot start, 125 for our own failure, 2 for no command."""
+    argv = list(command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print(f"overlayfuse: run needs a command: {usage}", file=sys.stderr)
+        return 2
+    try:
+        return call(argv)
     except CommandError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return e.status

@@ -1,0 +1,170 @@
+"""The catalog: a store's layers, references and mounts in SQLite, one transaction per change.
+
+What holds a layer is never counted in a field that could drift: a layer lives while a row
+references it (a snapshot or special reference in ``refs``, a cached build step in ``steps``,
+a child in ``layers.parent``), and :func:`drop_unheld` deletes, in the same transaction, every
+layer row that nothing holds any more (a child's parent goes with it when it was the last).
+Directories on disk follow the catalog, never the other way round (see ``disk.py``).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+SCHEMA_VERSION = "1"
+
+# special references of a config; snapshot names cannot start with a dot
+UPPER, CURRENT, BASE = ".upper", ".current", ".base"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    parent TEXT REFERENCES layers(id),
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS configs (
+    name TEXT PRIMARY KEY,
+    origin TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refs (
+    config TEXT NOT NULL REFERENCES configs(name),
+    name TEXT NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    created REAL NOT NULL,
+    PRIMARY KEY (config, name)
+);
+CREATE INDEX IF NOT EXISTS refs_layer ON refs(layer);
+CREATE TABLE IF NOT EXISTS steps (
+    config TEXT NOT NULL REFERENCES configs(name),
+    key TEXT NOT NULL,
+    layer TEXT NOT NULL REFERENCES layers(id),
+    seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (config, key)
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    mountpoint TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    writable INTEGER NOT NULL,
+    pid INTEGER,
+    layers TEXT NOT NULL
+);
+"""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (and create) the catalog; autocommit mode, so :func:`transaction` owns BEGIN."""
+    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE .. COMMIT: writers queue up front, so a check and the change it guards
+    happen under one write lock; any exception rolls everything back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+def new_layer_id() -> str:
+    """A fresh layer id: random, so no counter needs a write lock before the dir exists."""
+    return os.urandom(8).hex()
+
+
+def add_layer(conn: sqlite3.Connection, layer: str, parent: str | None) -> None:
+    conn.execute("INSERT INTO layers(id, parent, created) VALUES (?, ?, ?)",
+                 (layer, parent, time.time()))
+
+
+def parent_of(conn: sqlite3.Connection, layer: str) -> str | None:
+    row = conn.execute("SELECT parent FROM layers WHERE id=?", (layer,)).fetchone()
+    return row[0] if row else None
+
+
+def chain(conn: sqlite3.Connection, layer: str) -> list[str]:
+    """``layer`` and its ancestors, topmost first: the lowers of a mount on top of it."""
+    out = [layer]
+    while True:
+        parent = parent_of(conn, out[-1])
+        if parent is None:
+            return out
+        out.append(parent)
+
+
+def ref(conn: sqlite3.Connection, config: str, name: str) -> str | None:
+    row = conn.execute("SELECT layer FROM refs WHERE config=? AND name=?",
+                       (config, name)).fetchone()
+    return row[0] if row else None
+
+
+def set_ref(conn: sqlite3.Connection, config: str, name: str, layer: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO refs(config, name, layer, created) VALUES (?, ?, ?, ?)",
+                 (config, name, layer, time.time()))
+
+
+def drop_ref(conn: sqlite3.Connection, config: str, name: str) -> None:
+    conn.execute("DELETE FROM refs WHERE config=? AND name=?", (config, name))
+
+
+def holders(conn: sqlite3.Connection, layer: str) -> list[str]:
+    """Who holds ``layer``, in words: ``config:name`` refs, build steps, child layers."""
+    out = [f"{c}:{n}" for c, n in conn.execute(
+        "SELECT config, name FROM refs WHERE layer=? ORDER BY config, name", (layer,))]
+    out += [f"{c}:build step" for (c,) in conn.execute(
+        "SELECT config FROM steps WHERE layer=? ORDER BY config", (layer,))]
+    out += [f"child {c}" for (c,) in conn.execute(
+        "SELECT id FROM layers WHERE parent=? ORDER BY id", (layer,))]
+    return out
+
+
+def drop_unheld(conn: sqlite3.Connection) -> list[str]:
+    """Delete every layer row nothing holds, repeatedly (a parent may lose its last child)."""
+    dropped: list[str] = []
+    while True:
+        rows = [r[0] for r in conn.execute(
+            "SELECT id FROM layers WHERE id NOT IN (SELECT layer FROM refs)"
+            " AND id NOT IN (SELECT layer FROM steps)"
+            " AND id NOT IN (SELECT parent FROM layers WHERE parent IS NOT NULL)")]
+        if not rows:
+            return dropped
+        conn.executemany("DELETE FROM layers WHERE id=?", [(r,) for r in rows])
+        dropped += rows
+
+
+def layer_ids(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT id FROM layers")}
+
+
+def config_exists(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM configs WHERE name=?", (name,)).fetchone() is not None
+
+
+def snapshots(conn: sqlite3.Connection, config: str) -> list[tuple[str, str]]:
+    """(name, layer) of the config's snapshots, oldest first."""
+    return list(conn.execute(
+        "SELECT name, layer FROM refs WHERE config=? AND name NOT LIKE '.%'"
+        " ORDER BY created, name", (config,)))

@@ -1,0 +1,172 @@
+"""``overlayfuse store ...`` and ``overlayfuse build ...``: the command line of the layer store.
+
+``cli.py`` only dispatches here; every failure ends as one ``overlayfuse: ...`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+
+from ..backends.choose import BACKEND_NAMES
+from ..errors import OverlayfuseError
+from .disk import human
+from .store import LayerStore
+
+STORE_COMMANDS = ("init", "mount", "umount", "run", "snapshot", "rollback", "snapshots",
+                  "remove-snapshot", "clean", "scrub", "gc", "info", "configs")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", metavar="DIR",
+                   help="the store (default $XDG_DATA_HOME/overlayfuse, else "
+                        "~/.local/share/overlayfuse)")
+    p.add_argument("--config", default="default", metavar="NAME",
+                   help="the config (default: default)")
+
+
+def add_store_parsers(sub: argparse._SubParsersAction) -> None:
+    """``store`` (with its own subcommands) and ``build``."""
+    p = sub.add_parser("store", help="a layer store: snapshots, rollbacks, shared layers",
+                       description="Configs of layers with snapshots (like mock's overlayfs "
+                                   "plugin), mounted or run through any backend.")
+    _common(p)
+    cmds = p.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
+    c = cmds.add_parser("init", help="create the config (and the store) from a dir, another "
+                                     "config's snapshot, or empty; snapshot postinit")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--from", dest="from_dir", metavar="DIR")
+    src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]")
+    c = cmds.add_parser("mount", help="mount the current state writable (a snapshot: read-only)")
+    c.add_argument("--backend", default="auto", choices=("auto", "kernel", "fuse"))
+    c.add_argument("--snapshot", metavar="NAME", help="mount this snapshot read-only")
+    c.add_argument("-v", "--verbose", action="store_true", help="say which backend and why")
+    c.add_argument("mountpoint", metavar="MNT")
+    c = cmds.add_parser("umount", help="unmount a mount of this store")
+    c.add_argument("mountpoint", metavar="MNT")
+    c = cmds.add_parser("run", help="run a command in the current state")
+    c.add_argument("--writable", action="store_true",
+                   help="a throwaway upper: the changes vanish afterwards")
+    c.add_argument("--snapshot", metavar="NAME", help="run in this snapshot (read-only "
+                                                      "unless --writable)")
+    c.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
+    c.add_argument("--map-root", action="store_true",
+                   help="kernel-userns: run as root inside the user namespace")
+    c.add_argument("-v", "--verbose", action="store_true", help="say which backend and why")
+    c.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    for name, text in (("snapshot", "freeze the current state as NAME"),
+                       ("rollback", "make NAME current, dropping unsaved changes"),
+                       ("remove-snapshot", "forget NAME (its layer goes when nothing holds "
+                                           "it)")):
+        c = cmds.add_parser(name, help=text)
+        c.add_argument("name", metavar="NAME")
+    cmds.add_parser("snapshots", help="list the snapshots, '* ' before the current ones")
+    cmds.add_parser("clean", help="drop the changes made since the current snapshot")
+    cmds.add_parser("scrub", help="remove the config (layers other configs use stay)")
+    cmds.add_parser("gc", help="remove leftovers of killed processes and unreferenced layers")
+    cmds.add_parser("info", help="the config's layers, who holds them, which backend serves")
+    cmds.add_parser("configs", help="the configs in the store")
+    p.set_defaults(func=cmd_store)
+
+    b = sub.add_parser("build", help="run a step file, caching each step's result as a layer",
+                       description="Each line of STEPFILE runs with sh -c on top of the "
+                                   "previous step's layer; unchanged steps are reused.")
+    _common(b)
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--from", dest="from_dir", metavar="DIR")
+    src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]")
+    b.add_argument("--tag", metavar="SNAPSHOT", help="name the result as a snapshot")
+    b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
+    b.add_argument("stepfile", metavar="STEPFILE")
+    b.set_defaults(func=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+    store = LayerStore(args.base)
+    try:
+        return build(store.config(args.config), args.stepfile, from_dir=args.from_dir,
+                     from_config=args.from_config, tag=args.tag, no_cache=args.no_cache,
+                     backend=args.backend)
+    except sqlite3.Error as e:
+        raise OverlayfuseError(f"store catalog: {e}") from None
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    store = LayerStore(args.base)
+    try:
+        if args.store_command == "run":
+            return _cmd_run(store, args)
+        return _dispatch(store, args)
+    except sqlite3.Error as e:
+        raise OverlayfuseError(f"store catalog: {e}") from None
+
+
+def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:
+    from ..run import command_status
+
+    def call(argv: list[str]) -> int:
+        return store.config(args.config).run(argv, writable=args.writable,
+                                              snapshot=args.snapshot, backend=args.backend,
+                                              map_root=args.map_root, verbose=args.verbose)
+    return command_status(args.command, "overlayfuse store run [...] -- CMD [ARGS]", call)
+
+
+def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
+    cmd = args.store_command
+    if cmd == "configs":
+        for c in store.configs():
+            current = ",".join(c["current"]) or "-"  # type: ignore[arg-type]
+            print(f"{c['name']}\tcurrent: {current}\t{c['layers']} layers\t"
+                  f"{human(c['size'])}")  # type: ignore[arg-type]
+        return 0
+    if cmd == "gc":
+        r = store.gc()
+        print(f"gc: {r['layers']} layers kept, {r['removed']} dirs and {r['leftovers']} "
+              f"leftovers removed" + (f", {r['missing']} layers MISSING" if r["missing"]
+                                      else ""))
+        return 1 if r["missing"] else 0
+    if cmd == "umount":
+        from .config import unmount_recorded
+        unmount_recorded(store, args.mountpoint)
+        return 0
+    config = store.config(args.config)
+    if cmd == "init":
+        config.init(from_dir=args.from_dir, from_config=args.from_config)
+    elif cmd == "mount":
+        m = config.mount(args.mountpoint, args.backend, snapshot=args.snapshot,
+                         verbose=args.verbose)
+        if args.verbose:
+            print(f"overlayfuse: mounted {config.name} on {m.target} ({m.backend})",
+                  file=sys.stderr)
+    elif cmd == "snapshot":
+        config.snapshot(args.name)
+    elif cmd == "rollback":
+        config.rollback(args.name)
+    elif cmd == "remove-snapshot":
+        config.remove_snapshot(args.name)
+    elif cmd == "snapshots":
+        for s in config.snapshots():
+            print(("* " if s.current else "  ") + s.name)
+    elif cmd == "clean":
+        config.clean()
+    elif cmd == "scrub":
+        config.scrub()
+    elif cmd == "info":
+        _print_info(config.info())
+    return 0
+
+
+def _print_info(info: dict[str, object]) -> None:
+    print(f"config:    {info['config']} (made from {info['origin']})")
+    print(f"xattrs:    {info['namespace']}.overlay.*")
+    print("layers (upper first):")
+    for layer in info["layers"]:  # type: ignore[attr-defined]
+        parent = layer["parent"] or "-"
+        print(f"  {layer['id']}  parent {parent:16}  {human(layer['size']):>10}  held by "
+              + (", ".join(layer["held_by"]) or "nothing"))
+    for use in info["uses"]:  # type: ignore[attr-defined]
+        print(f"in use:    {use}")
+    for purpose, why in info["backends"].items():  # type: ignore[attr-defined]
+        print(f"{purpose + ':':10} {why}")

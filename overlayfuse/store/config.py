@@ -1,0 +1,335 @@
+"""A config of a store: mock's snapshot operations, mounts and runs on its layers.
+
+References (see ``catalog``): ``.base`` is the first layer, ``.current`` what ``clean`` returns
+to, ``.upper`` where writes go.  A snapshot freezes the upper (``.current`` moves to it); only
+the next mount or run allocates a fresh child, so snapshots with nothing in between share one
+layer.  Every operation is one transaction, then the disk follows (``LayerStore.reap``).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+from typing import Sequence
+
+from ..run import run as run_in_view
+from ..backends import Mount
+from ..backends.choose import choose
+from ..errors import OverlayfuseError
+from ..probe import signals_unwind, unmount_fuse
+from ..spec import OverlaySpec
+from ..sysmount.fsinfo import is_mountpoint
+from ..validate import validate_mountpoint
+from . import catalog as cat
+from .copytree import copy_tree
+from .disk import TmpEntry, make_layer_root, tree_size
+from .progress import Progress
+from .store import LayerStore, check_name
+from .use import take
+
+POSTINIT = "postinit"
+
+
+class Config:
+    """``LayerStore(base).config(name)``: snapshots, rollbacks, mounts and runs of one config."""
+
+    def __init__(self, store: LayerStore, name: str) -> None:
+        self.store = store
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Config {self.name} in {self.store.base}>"
+
+    def exists(self) -> bool:
+        return self.store.exists() and cat.config_exists(self.store.db(), self.name)
+
+    def _require(self, conn: sqlite3.Connection) -> None:
+        if not cat.config_exists(conn, self.name):
+            raise OverlayfuseError(f"no config {self.name!r} in the store {self.store.base} "
+                                   "(overlayfuse store init makes one)")
+
+    # -- creation -----------------------------------------------------------------------------
+
+    def init(self, from_dir: str | None = None, from_config: str | None = None,
+             progress: Progress | None = None) -> None:
+        """Create the config: a copy of ``from_dir``, the layers of another config's snapshot
+        (``OTHER[:SNAPSHOT]``, shared), or empty; then take the snapshot ``postinit``."""
+        if from_dir is not None and from_config is not None:
+            raise OverlayfuseError("init takes --from or --from-config, not both")
+        store = self.store
+        if from_dir is not None:
+            from_dir = os.path.realpath(from_dir)
+            if not os.path.isdir(from_dir):
+                raise OverlayfuseError(f"--from {from_dir}: not a directory")
+            if from_dir == store.base or from_dir.startswith(store.base + os.sep):
+                raise OverlayfuseError(f"--from {from_dir} is inside the store")
+        other = snap = None
+        if from_config is not None:
+            other, _, snap = from_config.partition(":")
+            check_name(other, "config")
+            if snap:
+                check_name(snap, "snapshot")
+        conn = store.db(create=True)
+        self._refuse_existing(conn)
+        if other is not None:
+            with store.txn() as conn:
+                self._refuse_existing(conn)
+                if not cat.config_exists(conn, other):
+                    raise OverlayfuseError(f"no config {other!r} to start from")
+                layer = cat.ref(conn, other, snap or cat.CURRENT)
+                if layer is None:
+                    raise OverlayfuseError(f"no snapshot {snap!r} in config {other!r}")
+                self._create_rows(conn, f"config {other}:{snap or '(current)'}", layer)
+            return
+        with TmpEntry(store.layout, "init-" + os.urandom(6).hex()) as tmp:
+            layer_dir = os.path.join(tmp.path, "layer")
+            make_layer_root(layer_dir, None, store.owner)
+            if from_dir is not None:
+                copy_tree(from_dir, layer_dir, progress or Progress(f"copying {from_dir}"))
+            layer = cat.new_layer_id()
+            with store.txn() as conn:
+                self._refuse_existing(conn)
+                cat.add_layer(conn, layer, None)
+                self._create_rows(conn, f"dir {from_dir}" if from_dir else "empty", layer)
+                os.rename(layer_dir, store.layout.layer(layer))
+
+    def _refuse_existing(self, conn: sqlite3.Connection) -> None:
+        if cat.config_exists(conn, self.name):
+            raise OverlayfuseError(f"config {self.name!r} exists already in {self.store.base}")
+
+    def _create_rows(self, conn: sqlite3.Connection, origin: str, layer: str) -> None:
+        conn.execute("INSERT INTO configs(name, origin, created) VALUES (?, ?, ?)",
+                     (self.name, origin, time.time()))
+        for ref in (cat.BASE, cat.CURRENT, cat.UPPER, POSTINIT):
+            cat.set_ref(conn, self.name, ref, layer)
+
+    @property
+    def origin(self) -> str:
+        row = self.store.db().execute("SELECT origin FROM configs WHERE name=?",
+                                      (self.name,)).fetchone()
+        return row[0] if row else ""
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def _busy_upper(self, conn: sqlite3.Connection, doing: str) -> str:
+        """The upper layer, or an error when a writable mount or run holds it."""
+        self._require(conn)
+        upper = cat.ref(conn, self.name, cat.UPPER)
+        assert upper is not None
+        why = self.store.writer_of(conn, upper)
+        if why:
+            raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is {why}")
+        return upper
+
+    def snapshot(self, name: str) -> "Snapshot":
+        """Freeze the current upper as ``name``; it becomes the current state."""
+        check_name(name, "snapshot")
+        with self.store.txn() as conn:
+            upper = self._busy_upper(conn, f"snapshot {name}")
+            if cat.ref(conn, self.name, name) is not None:
+                raise OverlayfuseError(f"snapshot {name!r} exists already in config "
+                                       f"{self.name!r}")
+            cat.set_ref(conn, self.name, name, upper)
+            cat.set_ref(conn, self.name, cat.CURRENT, upper)
+            cat.drop_unheld(conn)
+        self.store.reap()
+        return Snapshot(self, name)
+
+    def rollback(self, name: str) -> None:
+        """Make snapshot ``name`` the current state; unsaved changes are dropped."""
+        check_name(name, "snapshot")
+        with self.store.txn() as conn:
+            self._busy_upper(conn, f"roll back to {name}")
+            layer = cat.ref(conn, self.name, name)
+            if layer is None:
+                raise OverlayfuseError(f"no snapshot {name!r} in config {self.name!r}")
+            cat.set_ref(conn, self.name, cat.CURRENT, layer)
+            cat.set_ref(conn, self.name, cat.UPPER, layer)
+            cat.drop_unheld(conn)
+        self.store.reap()
+
+    def clean(self) -> None:
+        """Drop the changes made since the current snapshot."""
+        with self.store.txn() as conn:
+            self._busy_upper(conn, "clean")
+            current = cat.ref(conn, self.name, cat.CURRENT)
+            assert current is not None
+            cat.set_ref(conn, self.name, cat.UPPER, current)
+            cat.drop_unheld(conn)
+        self.store.reap()
+
+    def remove_snapshot(self, name: str) -> None:
+        """Forget ``name``; its layer stays while anything else holds it."""
+        check_name(name, "snapshot")
+        with self.store.txn() as conn:
+            self._require(conn)
+            if cat.ref(conn, self.name, name) is None:
+                raise OverlayfuseError(f"no snapshot {name!r} in config {self.name!r}")
+            cat.drop_ref(conn, self.name, name)
+            cat.drop_unheld(conn)
+        self.store.reap()
+
+    def snapshots(self) -> list["Snapshot"]:
+        """The snapshots, oldest first; ``.current`` says which are the current state."""
+        conn = self.store.db()
+        self._require(conn)
+        current = cat.ref(conn, self.name, cat.CURRENT)
+        return [Snapshot(self, n, layer == current) for n, layer in
+                cat.snapshots(conn, self.name)]
+
+    def scrub(self, progress: Progress | None = None) -> None:
+        """Remove everything of this config; layers other configs stand on stay."""
+        with self.store.txn() as conn:
+            self._require(conn)
+            busy = self.store.mount_rows(conn, self.name)
+            if busy:
+                raise OverlayfuseError(f"cannot scrub: config {self.name!r} is "
+                                       f"{busy[0].describe()}")
+            for table in ("refs", "steps", "mounts"):
+                conn.execute(f"DELETE FROM {table} WHERE config=?", (self.name,))
+            conn.execute("DELETE FROM configs WHERE name=?", (self.name,))
+            cat.drop_unheld(conn)
+        self.store.reap(progress or Progress(f"scrubbing {self.name}"))
+
+    # -- what it is made of -------------------------------------------------------------------
+
+    def refs(self) -> dict[str, str]:
+        """Every reference of the config (specials included): name -> layer id."""
+        conn = self.store.db()
+        return dict(conn.execute("SELECT name, layer FROM refs WHERE config=?", (self.name,)))
+
+    def info(self) -> dict[str, object]:
+        """Layers (upper first) with parents, sizes, holders; which backend can mount it."""
+        conn = self.store.db()
+        self._require(conn)
+        upper = cat.ref(conn, self.name, cat.UPPER)
+        assert upper is not None
+        seen: list[str] = []
+        tops = [upper] + [layer for _, layer in conn.execute(
+            "SELECT name, layer FROM refs WHERE config=? UNION ALL "
+            "SELECT key, layer FROM steps WHERE config=?", (self.name, self.name))]
+        for top in tops:
+            for layer in cat.chain(conn, top):
+                if layer not in seen:
+                    seen.append(layer)
+        layers = [{"id": x, "parent": cat.parent_of(conn, x),
+                   "size": tree_size(self.store.layout.layer(x)),
+                   "held_by": cat.holders(conn, x)} for x in seen]
+        # the spec a writable mount would get (the probe runs beside the upper)
+        lowers = cat.chain(conn, cat.ref(conn, self.name, cat.CURRENT) or upper)
+        layout = self.store.layout
+        spec = OverlaySpec(lowerdirs=tuple(layout.layer(x) for x in lowers),
+                           upperdir=layout.layer(upper), workdir=layout.work(upper),
+                           options=self.store.options)
+        backends = {}
+        for purpose in ("mount", "run"):
+            try:
+                _chosen, why = choose(spec, purpose, "auto")  # type: ignore[arg-type]
+            except OverlayfuseError as e:
+                why = f"none: {e}"
+            backends[purpose] = why
+        return {"config": self.name, "origin": self.origin, "namespace": self.store.namespace,
+                "layers": layers, "backends": backends,
+                "uses": [r.describe() for r in self.store.mount_rows(conn, self.name)]}
+
+    # -- using it -----------------------------------------------------------------------------
+
+    def mount(self, target: str, backend: str = "auto", *, snapshot: str | None = None,
+              verbose: bool = False) -> Mount:
+        """Mount the current state writable on ``target`` (a snapshot: read-only); the handle
+        unmounts. The layers stay locked for as long as the mount lives, in any process."""
+        target = os.path.realpath(target)
+        use = take(self.store, self.name, mode="readonly" if snapshot else "upper", row=target,
+                   snapshot=snapshot)
+        try:
+            validate_mountpoint(use.spec, target)
+            chosen, why = choose(use.spec, "mount", backend)
+            if verbose:
+                print(f"overlayfuse: {why}", file=sys.stderr)
+            if chosen.name == "kernel":
+                # recorded first: once mounted, nothing but this row holds the layers
+                use.record(chosen.name, None)
+            inner = chosen.mount(use.spec, target)
+            use.record(chosen.name, inner.pid)
+        except BaseException:
+            use.release()
+            raise
+        use.locks.release()  # the daemon holds its own copies; a kernel mount the row
+        return Mount(inner.backend, target, use.spec,
+                     lambda: self._unmount(inner, target), pid=inner.pid)
+
+    def _unmount(self, inner: Mount, target: str) -> None:
+        inner.unmount()
+        with self.store.txn() as conn:
+            conn.execute("DELETE FROM mounts WHERE mountpoint=?", (target,))
+        self.store.reap()
+
+    def run(self, argv: Sequence[str], *, writable: bool = False, snapshot: str | None = None,
+            backend: str = "auto", cwd: str | None = None, env: dict[str, str] | None = None,
+            map_root: bool = False, verbose: bool = False) -> int:
+        """Run ``argv`` in the current state: its changes stay in the config's upper, or
+        vanish afterwards with ``writable`` (a throwaway upper; several may run at once)."""
+        if snapshot is not None:
+            mode = "throwaway" if writable else "readonly"
+        else:
+            mode = "throwaway" if writable else "upper"
+        with signals_unwind():
+            use = take(self.store, self.name, mode=mode, snapshot=snapshot,
+                       row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
+            try:
+                return run_in_view(use.spec, argv, backend=backend, cwd=cwd, env=env,
+                                      map_root=map_root, verbose=verbose)
+            finally:
+                use.release()
+                self.store.reap()
+
+    def build(self, stepfile: str, **kwargs: object) -> int:
+        """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""
+        from .build import build
+        return build(self, stepfile, **kwargs)  # type: ignore[arg-type]
+
+
+class Snapshot:
+    """A named snapshot of a config: ``overlayfuse.mount(snap, mnt)`` shows it read-only,
+    ``overlayfuse.run(snap, argv, writable=True)`` runs on a throwaway copy of it."""
+
+    def __init__(self, config: Config, name: str, current: bool = False) -> None:
+        self.config = config
+        self.name = name
+        self.current = current
+
+    def __repr__(self) -> str:
+        return f"<Snapshot {self.config.name}:{self.name}>"
+
+    def mount(self, target: str, backend: str = "auto") -> Mount:
+        return self.config.mount(target, backend, snapshot=self.name)
+
+    def run(self, argv: Sequence[str], **kwargs: object) -> int:
+        return self.config.run(argv, snapshot=self.name, **kwargs)  # type: ignore[arg-type]
+
+
+def unmount_recorded(store: LayerStore, mountpoint: str) -> None:
+    """``store umount``: take down a mount this store recorded, by its backend."""
+    from ..backends.kernel import umount_retrying
+    mnt = os.path.realpath(mountpoint)
+    conn = store.db()
+    live = [r for r in store.mount_rows(conn) if r.mountpoint == mnt]
+    # a daemon that was killed leaves a dead FUSE mount behind: still ours to take down
+    dead = conn.execute("SELECT backend, pid FROM mounts WHERE mountpoint=?", (mnt,)).fetchone()
+    if live:
+        backend, pid = live[0].backend, live[0].pid
+    elif dead is not None and dead[0] == "fuse" and is_mountpoint(mnt):
+        backend, pid = "fuse", None
+    else:
+        raise OverlayfuseError(f"{mnt} is not a mount of the store {store.base}")
+    if backend == "kernel":
+        try:
+            umount_retrying(mnt)
+        except OSError as e:
+            raise OverlayfuseError(f"cannot unmount {mnt}: {e.strerror}") from None
+    else:
+        unmount_fuse(mnt, pid)
+    with store.txn() as conn:
+        conn.execute("DELETE FROM mounts WHERE mountpoint=?", (mnt,))
+    store.reap()
