@@ -148,15 +148,22 @@ class InodeFiles:
 
     # -- life and death --------------------------------------------------------------------
     def pin(self, node: Node) -> None:
-        """Before ``node`` loses a name that may be its last: keep an fd on its data."""
-        if node.ino in self._pinned or not stat.S_ISREG(node.kind):
+        """Before ``node`` loses a name that may be its last: keep an fd on its data (a file)
+        or on itself (a directory: an open one still answers fstat once removed)."""
+        if node.ino in self._pinned or not (stat.S_ISREG(node.kind) or node.is_dir):
             return
         try:
+            if node.is_dir:
+                dirfd, name = self.ovl.location(node)
+                fd = os.open(name or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=dirfd)
+                self._pinned[node.ino] = _Entry(fd, _source(node), False)
+                return
             entry = self._entry(node, False)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.EACCES, errno.ELOOP, errno.ENXIO):
                 raise
-            return  # nothing readable to keep (a fifo, a socket, a file we may not open)
+            return  # nothing to keep (a file we may not open)
         del self._fds[node.ino]
         self._pinned[node.ino] = entry
 
