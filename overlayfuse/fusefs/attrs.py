@@ -17,7 +17,7 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     """Real attributes of the defining entry, with the overlay's inode number and link count."""
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = node.ino
-    attr.generation = 0
+    attr.generation = ovl.table.generation(node)
     attr.entry_timeout = ovl.config.entry_timeout
     attr.attr_timeout = ovl.config.attr_timeout
     attr.st_mode = st.st_mode

@@ -120,9 +120,5 @@ def release(ovl: Overlay, fh: int) -> None:
     os.close(handle.fd)
     node = handle.node
     node.open_count -= 1
-    same = ovl.handles_by_ino.get(node.ino)
-    if same is not None:
-        same.remove(handle)
-        if not same:
-            del ovl.handles_by_ino[node.ino]
+    ovl.forget_handle(handle)
     ovl.table.maybe_drop(node)

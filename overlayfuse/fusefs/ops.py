@@ -186,12 +186,10 @@ class OverlayOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
     @_errors
     async def opendir(self, inode, ctx):
-        node = self.ovl.table.get(inode)
-        readdirops.check_dir(node)
+        handle = readdirops.open_dir(self.ovl, self.ovl.table.get(inode))
         fh = self._next_dir
         self._next_dir += 1
-        self._dirs[fh] = readdirops.DirHandle(node)
-        node.open_count += 1
+        self._dirs[fh] = handle
         return fh
 
     @_errors
@@ -202,8 +200,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def releasedir(self, fh):
         handle = self._dirs.pop(fh, None)
         if handle is not None:
-            handle.node.open_count -= 1
-            self.ovl.table.maybe_drop(handle.node)
+            readdirops.release_dir(self.ovl, handle)
 
     @_errors
     async def fsyncdir(self, fh, datasync):
@@ -225,4 +222,3 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def removexattr(self, inode, name, ctx):
         xattrs.removexattr(self.ovl, self.ovl.table.get(inode), name)
-

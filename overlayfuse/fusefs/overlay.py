@@ -50,7 +50,7 @@ class Overlay:
         self.index_fd = -1
         if spec.workdir:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
-        self.handles_by_ino: dict[int, list] = {}
+        self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
         self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
@@ -236,6 +236,14 @@ class Overlay:
         if not name:
             return os.fstat(dirfd)
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def forget_handle(self, handle) -> None:
+        """A file or directory handle is closed: no longer an fd for its inode."""
+        same = self.handles_by_ino.get(handle.node.ino)
+        if same is not None:
+            same.remove(handle)
+            if not same:
+                del self.handles_by_ino[handle.node.ino]
 
     def require_writable(self) -> None:
         if self.upper is None:

@@ -80,13 +80,37 @@ def is_empty(ovl: Overlay, node: Node) -> bool:
 
 
 class DirHandle:
-    """One open directory: the listing taken at open (or rewind), so offsets stay stable."""
+    """One open directory: the listing taken at open (or rewind), so offsets stay stable.
 
-    __slots__ = ("node", "names")
+    ``fd`` (O_PATH) holds the backing directory while it is open: removed, it still answers
+    fstat, and its inode number cannot be reused for another entry meanwhile (see
+    InodeTable._reused)."""
 
-    def __init__(self, node: Node) -> None:
+    __slots__ = ("node", "names", "fd")
+
+    def __init__(self, node: Node, fd: int) -> None:
         self.node = node
         self.names: list[bytes] | None = None
+        self.fd = fd
+
+
+def open_dir(ovl: Overlay, node: Node) -> DirHandle:
+    check_dir(node)
+    dirfd, name = ovl.location(node)
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=dirfd) if name else os.open(".", flags, dir_fd=dirfd)
+    handle = DirHandle(node, fd)
+    node.open_count += 1
+    ovl.handles_by_ino.setdefault(node.ino, []).append(handle)
+    return handle
+
+
+def release_dir(ovl: Overlay, handle: DirHandle) -> None:
+    os.close(handle.fd)
+    node = handle.node
+    node.open_count -= 1
+    ovl.forget_handle(handle)
+    ovl.table.maybe_drop(node)
 
 
 def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -117,11 +141,11 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
         found = resolve(ovl, node, name)
         if found is None:
             continue
-        fresh, st = found
-        attr = entry_attributes(ovl, fresh, st)
-        if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+        # bound before the reply: the entry must carry the generation the node id gets
+        bound = ovl.table.bind(node, name, found[0])
+        if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, bound, found[1]), i + 1):
+            ovl.table.maybe_drop(bound)  # not sent: nobody holds a node new to the table
             return
-        bound = ovl.table.bind(node, name, fresh)
         bound.lookups += 1
 
 
