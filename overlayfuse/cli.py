@@ -138,6 +138,9 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     """Parse, validate (before anything is created), choose the backend and mount."""
     spec, other = parse_options(",".join(options), cwd=os.getcwd())
     mnt = os.path.realpath(mountpoint)
+    from .probe import clear_dead_fuse
+    if clear_dead_fuse(mnt):  # a killed daemon's mount: no manual fusermount3 -u needed
+        log.info("took down the dead FUSE mount at %s", mnt)
     validate(spec, mnt)
     chosen, why = choose_backend(spec, backend)
     log.info("%s", why)
