@@ -64,11 +64,17 @@ def fuse_mount_options(other: Sequence[str], as_root: bool) -> list[str]:
     """The libfuse mount options for the harmless options given (plus root's defaults).
 
     As root, ``allow_other`` and ``default_permissions`` are on, as with fuse-overlayfs: a
-    container's processes run under many uids.  ``dev``/``suid`` are only kept for root; for
-    a normal user fusermount3 would refuse them anyway.
+    container's processes run under many uids.  As root devices and setuid bits work unless
+    ``nodev``/``nosuid`` is given, as on the kernel's overlay (libfuse would add both: a build
+    chroot on the merged tree could not open its own /dev/null); for a normal user
+    fusermount3 refuses ``dev``/``suid`` anyway.
     """
     opts: list[str] = ["allow_other", "default_permissions"] if as_root else []
-    for item in _last_wins(other).values():
+    chosen = _last_wins(other)
+    if as_root:
+        chosen.setdefault("nodev", "dev")
+        chosen.setdefault("nosuid", "suid")
+    for item in chosen.values():
         if item in ("dev", "suid") and not as_root:
             continue
         if item not in ("rw", "async", "atime", "exec"):  # the defaults: nothing to say
