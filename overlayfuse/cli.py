@@ -155,6 +155,24 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     return mount_fuse_backend(spec, mnt, other, foreground=foreground, debug=debug)
 
 
+def do_remount(options: Sequence[str], mountpoint: str) -> int:
+    """``mount -o remount,ro MNT`` on an overlayfuse mount: mount.fuse3 runs the drop-in form
+    with ``remount`` among the options.  The mount's flags change (ro/rw, nosuid, ...); the
+    daemon and its layers stay as they are, so nothing but the flags is read."""
+    mnt = os.path.realpath(mountpoint)
+    if mount_at(mnt) is None:
+        raise OverlayfuseError(f"{mnt} is not mounted")
+    if os.geteuid() != 0:
+        raise OverlayfuseError("remount needs root (mount(2) with MS_REMOUNT)")
+    from . import sysmount
+    items = [i for o in options for i in o.split(",") if i]
+    try:
+        sysmount.mount(None, mnt, None, MS_REMOUNT | kernel_mount_flags(items), None)
+    except OSError as e:
+        raise OverlayfuseError(f"cannot remount {mnt}: {e.strerror}") from None
+    return 0
+
+
 def do_umount(mountpoint: str) -> int:
     """Unmount an overlayfuse (FUSE) or kernel overlay mount at ``mountpoint``."""
     mnt = os.path.realpath(mountpoint)
@@ -269,6 +287,8 @@ def dropin_main(argv: Sequence[str]) -> int:
     if not args.options:
         parser.error("-o lowerdir=... is required")
     _setup_logging(False, args.debug)
+    if "remount" in ",".join(args.options).split(","):
+        return do_remount(args.options, args.paths[-1])
     # libfuse's convention (fuse-overlayfs follows it): -d means debug in the foreground
     return do_mount(args.options, args.paths[-1], backend="fuse",
                     foreground=args.foreground or args.debug, debug=args.debug)
