@@ -1,7 +1,7 @@
 """A full upper filesystem: what does not fit fails with ENOSPC and changes nothing.
 
-The upper and work dirs live on a small tmpfs (out of blocks, or out of inodes) mounted in the
-test's tmp dir.  The same steps run on the kernel's overlayfs and on overlayfuse, and both must
+The upper and work dirs live on a small tmpfs or a small ext4 image on a loop device (out of
+blocks, or out of inodes) mounted in the test's tmp dir.  The same steps run on the kernel's overlayfs and on overlayfuse, and both must
 give the same answers: a new file and a copy-up that do not fit fail with ENOSPC, the merged
 view is what it was before the failing operation (the lower file still whole, no half whiteout
 shown), no temp file stays in the work dir, and once space is freed the mount works again.
@@ -26,9 +26,20 @@ BIG = b"lower data " * (3 * MIB // 11)  # ~3 MiB: more than the 2 MiB upper hold
 
 
 @contextlib.contextmanager
-def small_tmpfs(path: Path, opts: str) -> Iterator[Path]:
+def small_fs(path: Path, kind: str, inodes: int | None = None) -> Iterator[Path]:
+    """A 2 MiB tmpfs, or a 3 MiB ext4 image on a loop device (journal, reserved blocks that
+    root may use), with few inodes if asked; unmounted whatever happens."""
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "ovf-full", str(path)], check=True)
+    if kind == "tmpfs":
+        opts = "size=2m" + (f",nr_inodes={inodes}" if inodes else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "ovf-full", str(path)], check=True)
+    else:
+        image = path.with_suffix(".img")
+        image.write_bytes(b"")
+        os.truncate(image, 3 * MIB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-N", str(inodes or 256), str(image)],
+                       check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
     try:
         yield path
     finally:
@@ -58,16 +69,17 @@ def _work_temps(work: Path) -> list[str]:
     return [n for n in os.listdir(work / "work")] if (work / "work").exists() else []
 
 
+@pytest.mark.parametrize("fs", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("which", ["kernel", "overlayfuse"])
-def test_out_of_blocks(tmp_path: Path, which: str) -> None:
+def test_out_of_blocks(tmp_path: Path, which: str, fs: str) -> None:
     lower = tmp_path / "lower"
     lower.mkdir()
     (lower / "big").write_bytes(BIG)
     (lower / "keep").write_bytes(b"keep\n")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with small_tmpfs(tmp_path / "fs", "size=2m") as fs:
-        upper, work = fs / "upper", fs / "work"
+    with small_fs(tmp_path / "fs", fs) as root:
+        upper, work = root / "upper", root / "work"
         upper.mkdir()
         work.mkdir()
         with _mount(which, lower, upper, work, mnt):
@@ -90,16 +102,17 @@ def test_out_of_blocks(tmp_path: Path, which: str) -> None:
         assert not (upper / "big").exists(), "a partial copy-up reached the upper"
 
 
+@pytest.mark.parametrize("fs", ["tmpfs", "ext4"])
 @pytest.mark.parametrize("which", ["kernel", "overlayfuse"])
-def test_out_of_inodes(tmp_path: Path, which: str) -> None:
+def test_out_of_inodes(tmp_path: Path, which: str, fs: str) -> None:
     lower = tmp_path / "lower"
     lower.mkdir()
     for i in range(4):
         (lower / f"f{i}").write_bytes(b"lower %d\n" % i)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with small_tmpfs(tmp_path / "fs", "size=8m,nr_inodes=16") as fs:
-        upper, work = fs / "upper", fs / "work"
+    with small_fs(tmp_path / "fs", fs, inodes=16 if fs == "tmpfs" else 32) as root:
+        upper, work = root / "upper", root / "work"
         upper.mkdir()
         work.mkdir()
         with _mount(which, lower, upper, work, mnt):
