@@ -138,7 +138,13 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
                 return
             known.lookups += 1
             continue
-        found = resolve(ovl, node, name)
+        try:
+            found = resolve(ovl, node, name)
+        except pyfuse3.FUSEError:
+            attr = _unresolvable(ovl, node, name)
+            if attr is not None and not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            continue
         if found is None:
             continue
         # bound before the reply: the entry must carry the generation the node id gets
@@ -147,6 +153,23 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             ovl.table.maybe_drop(bound)  # not sent: nobody holds a node new to the table
             return
         bound.lookups += 1
+
+
+def _unresolvable(ovl: Overlay, node: Node, name: bytes) -> pyfuse3.EntryAttributes | None:
+    """An entry the kernel lists but whose lookup fails (a redirect it refuses): listed with
+    the attributes of its topmost entry and no caching, so every use looks it up again and
+    gets the lookup's error.  No node is kept: nothing can be done through it."""
+    places = ([(0, node.upath())] if node.upper else []) + ([] if node.opaque else node.lower)
+    for layer, path in places:
+        try:
+            st = os.stat(name, dir_fd=ovl.dirfds.get(layer, path), follow_symlinks=False)
+        except OSError:
+            continue
+        attr = entry_attributes(ovl, Node(ovl.encode_ino(layer, st.st_ino),
+                                          stat.S_IFMT(st.st_mode)), st)
+        attr.entry_timeout = attr.attr_timeout = 0
+        return attr
+    return None
 
 
 def check_dir(node: Node) -> None:
