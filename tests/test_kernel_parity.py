@@ -4,12 +4,14 @@ A root mount allows devices and setuid files unless ``nodev``/``nosuid`` is aske
 kernel's overlay does; ``mount -o remount,ro`` (which mount.fuse3 turns into the drop-in form
 with ``remount`` among the options) makes the mount read-only and back; a rename over an open
 file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
-read that had the old data cached.
+read that had the old data cached; a read leaves a lower file's atime alone and updates an
+upper file's as relatime does.
 """
 from __future__ import annotations
 
 import contextlib
 import mmap
+import time
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -25,11 +27,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need 
 
 
 @contextlib.contextmanager
-def both(tmp_path: Path, extra: tuple[str, ...] = ()) -> Iterator[list[tuple[str, Path]]]:
-    """A kernel overlay and an overlayfuse mount over copies of the same (empty) lower."""
+def both(tmp_path: Path, extra: tuple[str, ...] = (),
+         lower_atime: float | None = None) -> Iterator[list[tuple[str, Path]]]:
+    """A kernel overlay and an overlayfuse mount over copies of the same one-file lower."""
     k, f = make_layers(tmp_path / "k", 1), make_layers(tmp_path / "f", 1)
     for layers in (k, f):
-        (layers.lowers[0] / "low").write_bytes(b"lower\n")
+        low = layers.lowers[0] / "low"
+        low.write_bytes(b"lower\n")
+        if lower_atime is not None:
+            os.utime(low, (lower_atime, time.time()))
     kopts = ",".join(("redirect_dir=on", "index=on") + extra)
     with kernel_overlay(k.lowers, k.upper, k.work, k.mnt, kopts), \
             overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt, extra=extra):
@@ -124,3 +130,17 @@ def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [b"\0" * 4, b"YYYY", b"lower\n"]
+
+
+def test_atime_like_the_kernel(tmp_path: Path) -> None:
+    old = 946684800  # 2000-01-01: older than the mtime, so relatime updates it
+
+    def steps(mnt: Path) -> list[bool]:
+        (mnt / "up").write_bytes(b"upper\n")
+        os.utime(mnt / "up", (old, time.time()))
+        for name in ("low", "up"):
+            (mnt / name).read_bytes()
+        return [os.stat(mnt / name).st_atime > old for name in ("low", "up")]
+
+    with both(tmp_path, lower_atime=old) as mounts:
+        assert same(mounts, steps) == [False, True]

@@ -67,7 +67,15 @@ def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
 
 def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
     dirfd, name = ovl.location(node)
-    return os.open(name, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    flags = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if not node.upper and node.index is None:
+        # as the kernel's overlay: reading a lower file leaves its atime alone (O_NOATIME,
+        # which only the file's owner or CAP_FOWNER may ask for)
+        try:
+            return os.open(name, flags | os.O_NOATIME, dir_fd=dirfd)
+        except PermissionError:
+            pass
+    return os.open(name, flags, dir_fd=dirfd)
 
 
 async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
