@@ -5,15 +5,16 @@ kernel's overlay does; ``mount -o remount,ro`` (which mount.fuse3 turns into the
 with ``remount`` among the options) makes the mount read-only and back; a rename over an open
 file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
 read that had the old data cached; a read leaves a lower file's atime alone and updates an
-upper file's as relatime does.
+upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user.
 """
 from __future__ import annotations
 
 import contextlib
 import mmap
-import time
 import os
+import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,48 @@ def test_atime_like_the_kernel(tmp_path: Path) -> None:
 
     with both(tmp_path, lower_atime=old) as mounts:
         assert same(mounts, steps) == [False, True]
+
+
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value (version 2; entries of tag, perm, id in order)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in sorted(
+        entries, key=lambda e: (e[0], e[2])))
+
+
+def test_posix_acls_honoured_like_the_kernel(unprivileged) -> None:
+    u = unprivileged
+    base = u.home / "acl"
+    sides = {}
+    for name in ("kernel", "overlayfuse"):
+        layers = make_layers(base / name, 1)
+        for d in (base, base / name, *layers.lowers, layers.mnt):
+            os.chmod(d, 0o755)
+        low = layers.lowers[0]
+        (low / "granted").write_bytes(b"granted by an ACL\n")
+        os.chmod(low / "granted", 0o600)  # root only, but for the ACL entry of the user
+        os.setxattr(low / "granted", "system.posix_acl_access", _acl(
+            (_ACL_USER_OBJ, 6, _NO_ID), (_ACL_USER, 4, u.uid), (_ACL_GROUP_OBJ, 0, _NO_ID),
+            (_ACL_MASK, 4, _NO_ID), (_ACL_OTHER, 0, _NO_ID)))
+        (low / "denied").write_bytes(b"everyone but the user\n")
+        os.chmod(low / "denied", 0o666)
+        os.setxattr(low / "denied", "system.posix_acl_access", _acl(
+            (_ACL_USER_OBJ, 6, _NO_ID), (_ACL_USER, 0, u.uid), (_ACL_GROUP_OBJ, 6, _NO_ID),
+            (_ACL_MASK, 6, _NO_ID), (_ACL_OTHER, 6, _NO_ID)))
+        sides[name] = layers
+    code = ("import sys\nfrom pathlib import Path\nm = Path(sys.argv[1])\nfor op in ("
+            "lambda: (m / 'granted').read_bytes(), lambda: open(m / 'denied', 'ab').close(),"
+            " lambda: (m / 'denied').read_bytes()):\n    try:\n        op()\n"
+            "        print('ok')\n    except OSError as e:\n        print(e.errno)\n")
+    got = {}
+    k, f = sides["kernel"], sides["overlayfuse"]
+    with kernel_overlay(k.lowers, k.upper, k.work, k.mnt), \
+            overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt):
+        for name, layers in sides.items():
+            r = u.run_as_user([u.python, "-c", code, str(layers.mnt)], capture_output=True,
+                              text=True)
+            got[name] = r.stdout.split()
+    assert got["overlayfuse"] == got["kernel"] == ["ok", "13", "13"], got

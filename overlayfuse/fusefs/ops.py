@@ -50,6 +50,9 @@ class OverlayOperations(pyfuse3.Operations):
     def __init__(self, ovl: Overlay) -> None:
         super().__init__()
         self.ovl = ovl
+        # as root, POSIX ACLs are honoured as on the kernel's overlay: the kernel checks them
+        # (default_permissions is on anyway), the backing layers store and inherit them
+        self.enable_acl = ovl.config.as_root
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
         self.after_init: Callable[[], None] | None = None
