@@ -5,7 +5,8 @@ kernel's overlay does; ``mount -o remount,ro`` (which mount.fuse3 turns into the
 with ``remount`` among the options) makes the mount read-only and back; a rename over an open
 file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
 read that had the old data cached; a read leaves a lower file's atime alone and updates an
-upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user.
+upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user;
+an open file whose last name is gone keeps its xattrs and takes writes.
 """
 from __future__ import annotations
 
@@ -190,3 +191,20 @@ def test_posix_acls_honoured_like_the_kernel(unprivileged) -> None:
                               text=True)
             got[name] = r.stdout.split()
     assert got["overlayfuse"] == got["kernel"] == ["ok", "13", "13"], got
+
+
+def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "f").write_bytes(b"data\n")
+        os.setxattr(mnt / "f", "user.k", b"v")
+        fd = os.open(mnt / "f", os.O_RDWR)
+        try:
+            os.unlink(mnt / "f")
+            return [outcome(os.getxattr, fd, "user.k"), outcome(os.setxattr, fd, "user.n", b"w"),
+                    sorted(os.listxattr(fd)), outcome(os.write, fd, b"more"),
+                    os.pread(fd, 100, 0)]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [b"v", "ok", ["user.k", "user.n"], 4, b"more\n"]

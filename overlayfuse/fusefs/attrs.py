@@ -62,13 +62,12 @@ def getattr_node(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
 
 def _getattr_unlinked(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
     """An unlinked file that is still open: its data lives on in an open fd; nlink is 0."""
-    for handle in ovl.handles_by_ino.get(node.ino, ()):
-        if handle.fd >= 0:
-            st = os.fstat(handle.fd)
-            attr = entry_attributes(ovl, node, st)
-            attr.st_nlink = 0
-            return attr
-    raise pyfuse3.FUSEError(errno.ENOENT)
+    fd = ovl.open_fd(node)
+    if fd < 0:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    attr = entry_attributes(ovl, node, os.fstat(fd))
+    attr.st_nlink = 0
+    return attr
 
 
 def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,

@@ -237,6 +237,17 @@ class Overlay:
             return os.fstat(dirfd)
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
 
+    def open_fd(self, node: Node, writable_layer: bool = False) -> int:
+        """An fd of an open handle on ``node`` (-1 if none): how a file or dir whose last
+        name is gone is still reached.  ``writable_layer``: only one into the upper layer
+        (a read-only handle may point into a lower, which must never change)."""
+        for handle in self.handles_by_ino.get(node.ino, ()):
+            source = getattr(handle, "source", None)  # file handles: (upper?, index name)
+            if handle.fd >= 0 and (not writable_layer
+                                   or source is not None and (source[0] or source[1])):
+                return handle.fd
+        return -1
+
     def forget_handle(self, handle) -> None:
         """A file or directory handle is closed: no longer an fd for its inode."""
         same = self.handles_by_ino.get(handle.node.ino)
