@@ -65,11 +65,17 @@ def fuse_mount_options(other: Sequence[str], as_root: bool) -> list[str]:
     """The libfuse mount options for the harmless options given (plus root's defaults).
 
     As root, ``allow_other`` and ``default_permissions`` are on, as with fuse-overlayfs: a
-    container's processes run under many uids.  ``dev``/``suid`` are only kept for root; for
-    a normal user fusermount3 would refuse them anyway.
+    container's processes run under many uids.  As root devices and setuid bits work unless
+    ``nodev``/``nosuid`` is given, as on the kernel's overlay (libfuse would add both: a build
+    chroot on the merged tree could not open its own /dev/null); for a normal user
+    fusermount3 refuses ``dev``/``suid`` anyway.
     """
     opts: list[str] = ["allow_other", "default_permissions"] if as_root else []
-    for item in _last_wins(other).values():
+    chosen = _last_wins(other)
+    if as_root:
+        chosen.setdefault("nodev", "dev")
+        chosen.setdefault("nosuid", "suid")
+    for item in chosen.values():
         if item in ("dev", "suid") and not as_root:
             continue
         if item not in ("rw", "async", "atime", "exec"):  # the defaults: nothing to say
@@ -139,6 +145,9 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     """Parse, validate (before anything is created), choose the backend and mount."""
     spec, other = parse_options(",".join(options), cwd=os.getcwd())
     mnt = os.path.realpath(mountpoint)
+    from .probe import clear_dead_fuse
+    if clear_dead_fuse(mnt):  # a killed daemon's mount: no manual fusermount3 -u needed
+        log.info("took down the dead FUSE mount at %s", mnt)
     validate(spec, mnt)
     chosen, why = choose_backend(spec, backend)
     log.info("%s", why)
@@ -149,6 +158,24 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     if chosen == "kernel":
         return mount_kernel_backend(spec, mnt, other)
     return mount_fuse_backend(spec, mnt, other, foreground=foreground, debug=debug)
+
+
+def do_remount(options: Sequence[str], mountpoint: str) -> int:
+    """``mount -o remount,ro MNT`` on an overlayfuse mount: mount.fuse3 runs the drop-in form
+    with ``remount`` among the options.  The mount's flags change (ro/rw, nosuid, ...); the
+    daemon and its layers stay as they are, so nothing but the flags is read."""
+    mnt = os.path.realpath(mountpoint)
+    if mount_at(mnt) is None:
+        raise OverlayfuseError(f"{mnt} is not mounted")
+    if os.geteuid() != 0:
+        raise OverlayfuseError("remount needs root (mount(2) with MS_REMOUNT)")
+    from . import sysmount
+    items = [i for o in options for i in o.split(",") if i]
+    try:
+        sysmount.mount(None, mnt, None, MS_REMOUNT | kernel_mount_flags(items), None)
+    except OSError as e:
+        raise OverlayfuseError(f"cannot remount {mnt}: {e.strerror}") from None
+    return 0
 
 
 def do_umount(mountpoint: str) -> int:
@@ -274,6 +301,8 @@ def dropin_main(argv: Sequence[str]) -> int:
         parser.error("-o lowerdir=... is required")
     debug = args.debug or wants_debug(args.options)
     _setup_logging(False, debug)
+    if "remount" in ",".join(args.options).split(","):
+        return do_remount(args.options, args.paths[-1])
     # libfuse's convention (fuse-overlayfs follows it): -d and -o debug mean debug in the
     # foreground
     return do_mount(args.options, args.paths[-1], backend="fuse",

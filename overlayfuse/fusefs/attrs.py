@@ -17,7 +17,7 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     """Real attributes of the defining entry, with the overlay's inode number and link count."""
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = node.ino
-    attr.generation = 0
+    attr.generation = ovl.table.generation(node)
     attr.entry_timeout = ovl.config.entry_timeout
     attr.attr_timeout = ovl.config.attr_timeout
     attr.st_mode = st.st_mode
@@ -65,15 +65,12 @@ def getattr_node(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
 
 def _getattr_unlinked(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
     """An unlinked file that is still open: its data lives on in an open fd; nlink is 0."""
-    fds = [handle.fd for handle in ovl.handles_by_ino.get(node.ino, ())]
-    if ovl.inofiles is not None:
-        fds.append(ovl.inofiles.pinned_fd(node))
-    for fd in fds:
-        if fd >= 0:
-            attr = entry_attributes(ovl, node, os.fstat(fd))
-            attr.st_nlink = 0
-            return attr
-    raise pyfuse3.FUSEError(errno.ENOENT)
+    fd = ovl.open_fd(node)
+    if fd < 0:
+        raise pyfuse3.FUSEError(errno.ENOENT)
+    attr = entry_attributes(ovl, node, os.fstat(fd))
+    attr.st_nlink = 0
+    return attr
 
 
 def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,

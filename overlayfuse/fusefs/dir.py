@@ -293,15 +293,17 @@ def _clear_whiteouts(ovl: Overlay, node: Node) -> None:
         _rmtree_at(fd, child)
 
 
-def _fix_moved_dir(ovl: Overlay, node: Node, new_parent: Node, new_name: bytes) -> None:
+def _prepare_moved_dir(ovl: Overlay, node: Node, udir: int, name: bytes, new_parent: Node,
+                       new_name: bytes) -> None:
     """A moved directory keeps its lower parts via a redirect; a pure upper one moved onto a
-    name that exists below must not merge with that: it becomes opaque."""
-    udir = ovl.upper_dirfd(new_parent)
+    name that exists below must not merge with that: it becomes opaque.  Marked at ``udir``/
+    ``name``, where it is before the rename (as the kernel does), so that a daemon killed
+    between the two leaves a directory that shows the same entries at either name."""
     if node.lower and not node.opaque:
         ovl.record.note(fmt.REDIRECT)
-        fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"redirect", b"/" + node.lower[0][1])
+        fmt.set_overlay_xattr(udir, name, ovl.prefix, b"redirect", b"/" + node.lower[0][1])
     elif not node.opaque and lower_positive(ovl, new_parent, new_name):
-        fmt.set_overlay_xattr(udir, new_name, ovl.prefix, b"opaque", b"y")
+        fmt.set_overlay_xattr(udir, name, ovl.prefix, b"opaque", b"y")
         node.opaque = True
 
 
@@ -341,6 +343,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     copy_up_name(ovl, old_parent, old_name, src)
     if src.is_dir:
         ovl.dirfds.forget_tree(0, join(old_parent.upath(), old_name))
+        _prepare_moved_dir(ovl, src, old_udir, old_name, new_parent, new_name)
     src_needs_whiteout = lower_positive(ovl, old_parent, old_name)
     upper_dst = _lstat(new_udir, new_name)
     if dst is not None and dst.is_dir and dst.upper:
@@ -362,8 +365,6 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     mark_impure(ovl, new_udir)  # it may now hold an entry with an origin or a redirect
     ovl.table.unbind(new_parent, new_name)
     ovl.table.unbind(old_parent, old_name)
-    if src.is_dir:
-        _fix_moved_dir(ovl, src, new_parent, new_name)
     _rebind(ovl, new_parent, new_name, src)
 
 
@@ -391,17 +392,18 @@ def _exchange(ovl: Overlay, old_parent: Node, old_name: bytes, src: Node,
     new_udir = ensure_upper_dir(ovl, new_parent)
     copy_up_name(ovl, old_parent, old_name, src)
     copy_up_name(ovl, new_parent, new_name, dst)
-    for parent, name, node in ((old_parent, old_name, src), (new_parent, new_name, dst)):
+    for parent, name, udir, node, to_parent, to_name in (
+            (old_parent, old_name, old_udir, src, new_parent, new_name),
+            (new_parent, new_name, new_udir, dst, old_parent, old_name)):
         if node.is_dir:
             ovl.dirfds.forget_tree(0, join(parent.upath(), name))
+            _prepare_moved_dir(ovl, node, udir, name, to_parent, to_name)
     renameat2(old_udir, old_name, new_udir, new_name, RENAME_EXCHANGE)
     mark_impure(ovl, old_udir)
     mark_impure(ovl, new_udir)
     ovl.table.unbind(old_parent, old_name)
     ovl.table.unbind(new_parent, new_name)
     for parent, name, node in ((new_parent, new_name, src), (old_parent, old_name, dst)):
-        if node.is_dir:
-            _fix_moved_dir(ovl, node, parent, name)
         _rebind(ovl, parent, name, node)
 
 

@@ -67,7 +67,15 @@ def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
 
 def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
     dirfd, name = ovl.location(node)
-    return os.open(name, (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    flags = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if not node.upper and node.index is None:
+        # as the kernel's overlay: reading a lower file leaves its atime alone (O_NOATIME,
+        # which only the file's owner or CAP_FOWNER may ask for)
+        try:
+            return os.open(name, flags | os.O_NOATIME, dir_fd=dirfd)
+        except PermissionError:
+            pass
+    return os.open(name, flags, dir_fd=dirfd)
 
 
 async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
@@ -120,9 +128,5 @@ def release(ovl: Overlay, fh: int) -> None:
     os.close(handle.fd)
     node = handle.node
     node.open_count -= 1
-    same = ovl.handles_by_ino.get(node.ino)
-    if same is not None:
-        same.remove(handle)
-        if not same:
-            del ovl.handles_by_ino[node.ino]
+    ovl.forget_handle(handle)
     ovl.table.maybe_drop(node)

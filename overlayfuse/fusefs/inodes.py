@@ -155,6 +155,7 @@ class InodeTable:
     def __init__(self, root: Node) -> None:
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT: root}
+        self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
         self.root = root
 
     def __len__(self) -> int:
@@ -179,9 +180,11 @@ class InodeTable:
     def bind(self, parent: Node, name: bytes, fresh: Node) -> Node:
         """Record a lookup result: reuse the known node of that inode, refreshed; count it."""
         node = self._nodes.get(fresh.ino)
-        if node is None or node.kind != fresh.kind:
+        if node is None:
+            node = self._nodes[fresh.ino] = fresh
+        elif node is not fresh and self._reused(node, fresh):
+            self._succeed(node, fresh)
             node = fresh
-            self._nodes[node.ino] = node
         elif node is not fresh:
             node.upper, node.lower, node.opaque, node.index, node.st = (
                 fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
@@ -195,6 +198,29 @@ class InodeTable:
         node.add_alias(parent, name)
         children[name] = node
         return node
+
+    @staticmethod
+    def _reused(old: Node, fresh: Node) -> bool:
+        """Is ``fresh`` another entry that got the inode number of ``old``, a node the kernel
+        still holds?  A backing filesystem reuses the number of a deleted inode at once, and
+        the kernel's FORGET for the old one may still be on its way.  A node with a name left,
+        or open here (its backing inode then lives on), is the same file."""
+        if old.kind != fresh.kind:
+            return True
+        return old.parent is None and old.open_count == 0 and old.ino != ROOT
+
+    def _succeed(self, old: Node, fresh: Node) -> None:
+        """``fresh`` takes the node id over from ``old``.  FORGET names only the node id, so
+        the kernel's lookups of both add up on the new node; a new generation tells the
+        kernel it is another inode (it retires its old one instead of reusing its cache)."""
+        fresh.lookups, old.lookups = old.lookups, 0
+        self._generations[fresh.ino] = self._generations.get(old.ino, 0) + 1
+        self._nodes[fresh.ino] = fresh
+        self._unlink_names(old)
+
+    def generation(self, node: Node) -> int:
+        """The generation the kernel knows this node id by (0 unless its number was reused)."""
+        return self._generations.get(node.ino, 0) if self._generations else 0
 
     def unbind(self, parent: Node, name: bytes) -> Node | None:
         """The name is gone from the merged tree (unlink, rmdir, rename source)."""
@@ -217,7 +243,12 @@ class InodeTable:
             return
         if self._nodes.get(node.ino) is node:
             del self._nodes[node.ino]
+            self._generations.pop(node.ino, None)
             node.st = None
+        self._unlink_names(node)
+
+    @staticmethod
+    def _unlink_names(node: Node) -> None:
         for parent, name in node.aliases:
             children = parent.children
             if children is not None and children.get(name) is node:

@@ -131,8 +131,8 @@ class InodeFiles:
 
     def upper_fd(self, node: Node) -> int:
         """The writable fd of a nameless file (its setattr has no path to go by), else -1."""
-        if node.ino not in self._pinned:
-            return -1
+        if node.ino not in self._pinned or node.is_dir:
+            return -1  # a removed dir's fd is O_PATH: no changes through it
         return self._writable_pinned(node)
 
     def adopt(self, node: Node, fd: int, flags: int) -> None:

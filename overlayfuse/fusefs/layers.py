@@ -25,8 +25,21 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
+PATH_MAX = 4096
+
+
 def openat2_beneath(dirfd: int, path: bytes, flags: int) -> int:
-    """Open ``path`` below ``dirfd`` without following any symlink and without leaving it."""
+    """Open ``path`` below ``dirfd`` without following any symlink and without leaving it.
+
+    A path too long for one call (layers may be deeper than PATH_MAX) is walked in parts."""
+    if len(path) >= PATH_MAX:
+        cut = path.rfind(b"/", 0, PATH_MAX - 1)
+        if cut > 0:
+            head = openat2_beneath(dirfd, path[:cut], os.O_PATH | os.O_DIRECTORY)
+            try:
+                return openat2_beneath(head, path[cut + 1:], flags)
+            finally:
+                os.close(head)
     how = _OpenHow(flags | os.O_CLOEXEC, 0,
                    _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
     fd = _libc.syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))

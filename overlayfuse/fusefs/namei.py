@@ -143,7 +143,8 @@ def _resolve(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_res
             node = Node(_saved_ino(marks) or ovl.encode_ino(li, st.st_ino), stat.S_IFDIR)
         if fmt.opaque_in(marks) or fmt.has_opaque_marker(dfd, entry):
             break
-        abs_redirect, lookup_name = _follow_redirect(marks, abs_redirect, lookup_name)
+        if li != ovl.lower_indexes[-1]:  # the bottom layer's redirect leads nowhere: unread
+            abs_redirect, lookup_name = _follow_redirect(marks, abs_redirect, lookup_name)
     if node is None:
         return None
     node.lower = stack
@@ -158,11 +159,28 @@ def _follow_redirect(marks: dict[bytes, bytes], abs_redirect: bytes | None,
     redirect = marks.get(b"redirect")
     if not redirect:
         return abs_redirect, lookup_name
+    check_redirect(redirect)
     if redirect.startswith(b"/"):
         return redirect.strip(b"/"), lookup_name
     if abs_redirect is not None:
         return join(split(abs_redirect)[0], redirect), lookup_name
     return None, redirect
+
+
+def check_redirect(redirect: bytes) -> None:
+    """The kernel's rules, so a crafted redirect cannot walk out of the layers: a relative
+    redirect is one name and an absolute one has no empty component, else EINVAL (util.c);
+    a "." or ".." component is EACCES, as the kernel's lookup of such a name answers."""
+    if redirect.startswith(b"/"):
+        parts = redirect[1:].split(b"/")
+        if not all(parts):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+    elif b"/" in redirect:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    else:
+        parts = [redirect]
+    if b"." in parts or b".." in parts:
+        raise pyfuse3.FUSEError(errno.EACCES)
 
 
 def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, where: list,

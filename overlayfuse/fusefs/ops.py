@@ -51,6 +51,9 @@ class OverlayOperations(pyfuse3.Operations):
     def __init__(self, ovl: Overlay, zero_opens: bool = False) -> None:
         super().__init__()
         self.ovl = ovl
+        # as root, POSIX ACLs are honoured as on the kernel's overlay: the kernel checks them
+        # (default_permissions is on anyway), the backing layers store and inherit them
+        self.enable_acl = ovl.config.as_root
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
         self.after_init: Callable[[], None] | None = None
@@ -216,12 +219,10 @@ class OverlayOperations(pyfuse3.Operations):
             # never asked again: the kernel caches listings (FOPEN_CACHE_DIR) and drops them
             # on its own changes to the dir, which are the only changes there are
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        node = self.ovl.table.get(inode)
-        readdirops.check_dir(node)
+        handle = readdirops.open_dir(self.ovl, self.ovl.table.get(inode))
         fh = self._next_dir
         self._next_dir += 1
-        self._dirs[fh] = readdirops.DirHandle(node)
-        node.open_count += 1
+        self._dirs[fh] = handle
         return fh
 
     @_errors
@@ -229,7 +230,7 @@ class OverlayOperations(pyfuse3.Operations):
         if self.zero_opens:
             # one listing per directory (overlay.cached_listing), not per open: the kernel
             # reads it from offset 0 whenever its cached copy is gone
-            handle = readdirops.DirHandle(self.ovl.table.get(fh))
+            handle = readdirops.DirHandle(self.ovl.table.get(fh), -1)  # no fd: never opened
         else:
             handle = self._dirs[fh]
         readdirops.readdir(self.ovl, handle, start_id, token)
@@ -238,8 +239,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def releasedir(self, fh):
         handle = self._dirs.pop(fh, None)
         if handle is not None:
-            handle.node.open_count -= 1
-            self.ovl.table.maybe_drop(handle.node)
+            readdirops.release_dir(self.ovl, handle)
 
     @_errors
     async def fsyncdir(self, fh, datasync):
@@ -261,4 +261,3 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def removexattr(self, inode, name, ctx):
         xattrs.removexattr(self.ovl, self.ovl.table.get(inode), name)
-

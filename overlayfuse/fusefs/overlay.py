@@ -69,7 +69,7 @@ class Overlay:
         self.index_fd = -1
         if spec.workdir:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
-        self.handles_by_ino: dict[int, list] = {}
+        self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
@@ -256,6 +256,27 @@ class Overlay:
         if not name:
             return os.fstat(dirfd)
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def open_fd(self, node: Node, writable_layer: bool = False) -> int:
+        """An fd of an open handle on ``node`` (-1 if none): how a file or dir whose last
+        name is gone is still reached.  ``writable_layer``: only one into the upper layer
+        (a read-only handle may point into a lower, which must never change)."""
+        for handle in self.handles_by_ino.get(node.ino, ()):
+            source = getattr(handle, "source", None)  # file handles: (upper?, index name)
+            if handle.fd >= 0 and (not writable_layer
+                                   or source is not None and (source[0] or source[1])):
+                return handle.fd
+        if self.inofiles is not None:  # zero-message opens: the fd pinned when it lost its name
+            return self.inofiles.upper_fd(node) if writable_layer else self.inofiles.pinned_fd(node)
+        return -1
+
+    def forget_handle(self, handle) -> None:
+        """A file or directory handle is closed: no longer an fd for its inode."""
+        same = self.handles_by_ino.get(handle.node.ino)
+        if same is not None:
+            same.remove(handle)
+            if not same:
+                del self.handles_by_ino[handle.node.ino]
 
     def require_writable(self) -> None:
         """Refuse a change to a read-only overlay; before the first change, write the

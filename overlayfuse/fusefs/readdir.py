@@ -80,13 +80,37 @@ def is_empty(ovl: Overlay, node: Node) -> bool:
 
 
 class DirHandle:
-    """One open directory: the listing taken at open (or rewind), so offsets stay stable."""
+    """One open directory: the listing taken at open (or rewind), so offsets stay stable.
 
-    __slots__ = ("node", "names")
+    ``fd`` (O_PATH) holds the backing directory while it is open: removed, it still answers
+    fstat, and its inode number cannot be reused for another entry meanwhile (see
+    InodeTable._reused)."""
 
-    def __init__(self, node: Node) -> None:
+    __slots__ = ("node", "names", "fd")
+
+    def __init__(self, node: Node, fd: int) -> None:
         self.node = node
         self.names: list[bytes] | None = None
+        self.fd = fd
+
+
+def open_dir(ovl: Overlay, node: Node) -> DirHandle:
+    check_dir(node)
+    dirfd, name = ovl.location(node)
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, dir_fd=dirfd) if name else os.open(".", flags, dir_fd=dirfd)
+    handle = DirHandle(node, fd)
+    node.open_count += 1
+    ovl.handles_by_ino.setdefault(node.ino, []).append(handle)
+    return handle
+
+
+def release_dir(ovl: Overlay, handle: DirHandle) -> None:
+    os.close(handle.fd)
+    node = handle.node
+    node.open_count -= 1
+    ovl.forget_handle(handle)
+    ovl.table.maybe_drop(node)
 
 
 def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -114,15 +138,38 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
                 return
             known.lookups += 1
             continue
-        found = resolve(ovl, node, name)
+        try:
+            found = resolve(ovl, node, name)
+        except pyfuse3.FUSEError:
+            attr = _unresolvable(ovl, node, name)
+            if attr is not None and not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            continue
         if found is None:
             continue
-        fresh, st = found
-        attr = entry_attributes(ovl, fresh, st)
-        if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+        # bound before the reply: the entry must carry the generation the node id gets
+        bound = ovl.table.bind(node, name, found[0])
+        if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, bound, found[1]), i + 1):
+            ovl.table.maybe_drop(bound)  # not sent: nobody holds a node new to the table
             return
-        bound = ovl.table.bind(node, name, fresh)
         bound.lookups += 1
+
+
+def _unresolvable(ovl: Overlay, node: Node, name: bytes) -> pyfuse3.EntryAttributes | None:
+    """An entry the kernel lists but whose lookup fails (a redirect it refuses): listed with
+    the attributes of its topmost entry and no caching, so every use looks it up again and
+    gets the lookup's error.  No node is kept: nothing can be done through it."""
+    places = ([(0, node.upath())] if node.upper else []) + ([] if node.opaque else node.lower)
+    for layer, path in places:
+        try:
+            st = os.stat(name, dir_fd=ovl.dirfds.get(layer, path), follow_symlinks=False)
+        except OSError:
+            continue
+        attr = entry_attributes(ovl, Node(ovl.encode_ino(layer, st.st_ino),
+                                          stat.S_IFMT(st.st_mode)), st)
+        attr.entry_timeout = attr.attr_timeout = 0
+        return attr
+    return None
 
 
 def check_dir(node: Node) -> None:

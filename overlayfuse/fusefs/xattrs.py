@@ -18,9 +18,16 @@ from .inodes import Node
 from .overlay import Overlay
 
 
-def _target(ovl: Overlay, node: Node) -> tuple[bytes, bool]:
-    """The path for the xattr calls and whether to follow it (only the root's magic link)."""
-    dirfd, name = ovl.location(node)
+def _target(ovl: Overlay, node: Node, change: bool = False) -> tuple[bytes, bool]:
+    """The path for the xattr calls and whether to follow it (only a magic link: the root,
+    or an open file whose last name is gone, reached through its descriptor)."""
+    try:
+        dirfd, name = ovl.location(node)
+    except pyfuse3.FUSEError as e:
+        fd = ovl.open_fd(node, writable_layer=change)
+        if e.errno != errno.ENOENT or fd < 0:
+            raise
+        return fmt.proc_path(fd, b""), True
     return fmt.proc_path(dirfd, name), not name
 
 
@@ -75,7 +82,7 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
-    path, follow = _target(ovl, node)
+    path, follow = _target(ovl, node, change=True)
     os.setxattr(path, _real_name(ovl, name), value, follow_symlinks=follow)
 
 
@@ -85,7 +92,7 @@ def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
     getxattr(ovl, node, name)  # as the kernel: a missing name fails before any copy-up
     copy_up(ovl, node)
     ovl.changed(node)
-    path, follow = _target(ovl, node)
+    path, follow = _target(ovl, node, change=True)
     try:
         os.removexattr(path, _real_name(ovl, name), follow_symlinks=follow)
     except OSError as e:

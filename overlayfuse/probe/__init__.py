@@ -29,8 +29,8 @@ from .report import BACKENDS, USERNS_MOUNT_REASON, Report
 from .scratch import SCRATCH_PREFIX, rmtree_force
 from .signals import deferred_signals, signals_unwind
 from .trials import fuse_preconditions
-from .unmount import unmount_fuse
+from .unmount import clear_dead_fuse, unmount_fuse
 
 __all__ = ["BACKENDS", "SCRATCH_PREFIX", "USERNS_MOUNT_REASON", "Report", "_cache_key",
            "add_check_parser", "cache_path", "deferred_signals", "fuse_preconditions", "probe",
-           "probe_dir_for", "rmtree_force", "signals_unwind", "unmount_fuse"]
+           "probe_dir_for", "rmtree_force", "signals_unwind", "unmount_fuse", "clear_dead_fuse"]

@@ -5,6 +5,7 @@ leave a mount or a daemon behind.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -48,6 +49,27 @@ def unmount_fuse(mountpoint: str, pid: int | None, timeout: float = 10.0,
     else:
         threading.Thread(target=wait_pid_gone, args=(pid, timeout), daemon=True,
                          name=f"overlayfuse-reap-{pid}").start()
+
+
+def is_dead_fuse(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone (killed, crashed): every access answers ENOTCONN,
+    "Transport endpoint is not connected", until it is unmounted."""
+    if not sysmount.is_mountpoint(mountpoint):
+        return False
+    try:
+        os.statvfs(mountpoint)  # always asks the daemon: a stat may come from the kernel's cache
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def clear_dead_fuse(mountpoint: str) -> bool:
+    """Take down a dead FUSE mount at ``mountpoint`` (nothing can use it any more, and its
+    layers are safe to mount again: see the daemon's work-dir cleanup); True if there was one."""
+    if not is_dead_fuse(mountpoint):
+        return False
+    unmount_fuse(mountpoint, None)
+    return True
 
 
 def wait_pid_gone(pid: int, timeout: float) -> None:

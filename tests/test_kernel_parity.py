@@ -1,0 +1,210 @@
+"""Causes of xfstests failures, each checked against the kernel's overlayfs on the same steps.
+
+A root mount allows devices and setuid files unless ``nodev``/``nosuid`` is asked for, as the
+kernel's overlay does; ``mount -o remount,ro`` (which mount.fuse3 turns into the drop-in form
+with ``remount`` among the options) makes the mount read-only and back; a rename over an open
+file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
+read that had the old data cached; a read leaves a lower file's atime alone and updates an
+upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user;
+an open file whose last name is gone keeps its xattrs and takes writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import outcome, ovf
+from mounts import kernel_overlay, make_layers, overlayfuse_mount
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need root")
+
+
+@contextlib.contextmanager
+def both(tmp_path: Path, extra: tuple[str, ...] = (),
+         lower_atime: float | None = None) -> Iterator[list[tuple[str, Path]]]:
+    """A kernel overlay and an overlayfuse mount over copies of the same one-file lower."""
+    k, f = make_layers(tmp_path / "k", 1), make_layers(tmp_path / "f", 1)
+    for layers in (k, f):
+        low = layers.lowers[0] / "low"
+        low.write_bytes(b"lower\n")
+        if lower_atime is not None:
+            os.utime(low, (lower_atime, time.time()))
+    kopts = ",".join(("redirect_dir=on", "index=on") + extra)
+    with kernel_overlay(k.lowers, k.upper, k.work, k.mnt, kopts), \
+            overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt, extra=extra):
+        yield [("kernel", k.mnt), ("overlayfuse", f.mnt)]
+
+
+def same(mounts: list[tuple[str, Path]], fn: Callable[[Path], Any]) -> Any:
+    results = {name: fn(mnt) for name, mnt in mounts}
+    assert results["overlayfuse"] == results["kernel"], results
+    return results["kernel"]
+
+
+def _flags(mnt: Path) -> set[str]:
+    f = os.statvfs(mnt).f_flag
+    return {name for bit, name in ((os.ST_RDONLY, "ro"), (os.ST_NODEV, "nodev"),
+                                   (os.ST_NOSUID, "nosuid")) if f & bit} or {"rw"}
+
+
+def _null_device(mnt: Path) -> Any:
+    os.mknod(mnt / "null", 0o666 | 0o020000, os.makedev(1, 3))
+    return outcome(lambda: os.close(os.open(mnt / "null", os.O_WRONLY)))
+
+
+def test_root_mount_allows_devices_and_setuid_like_the_kernel(tmp_path: Path) -> None:
+    with both(tmp_path) as mounts:
+        assert same(mounts, _flags) == {"rw"}
+        assert same(mounts, _null_device) == "ok"
+
+
+def test_nodev_nosuid_kept_when_asked(tmp_path: Path) -> None:
+    with both(tmp_path, ("nodev", "nosuid")) as mounts:
+        # the kernel's overlay takes them as mount flags too
+        assert same(mounts, _flags) == {"nodev", "nosuid"}
+        assert same(mounts, _null_device) == "EACCES"
+
+
+def _remount(mnt: Path, how: str, fuse: bool) -> None:
+    if fuse:  # what mount.fuse3 runs for `mount -o remount,ro MNT`
+        r = ovf("overlayfuse", str(mnt), "-o", f"{how},relatime,remount,user_id=0,group_id=0,"
+                "default_permissions,allow_other")
+    else:
+        r = subprocess.run(["mount", "-o", f"remount,{how}", str(mnt)], capture_output=True,
+                           text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_remount_read_only_and_back(tmp_path: Path) -> None:
+    def steps(mnt: Path, fuse: bool) -> list[Any]:
+        _remount(mnt, "ro", fuse)
+        got = [_flags(mnt), outcome(lambda: (mnt / "new").write_bytes(b"x")),
+               (mnt / "low").read_bytes()]
+        _remount(mnt, "rw", fuse)
+        got += [_flags(mnt), outcome(lambda: (mnt / "new").write_bytes(b"x") and None)]
+        return got
+
+    with both(tmp_path) as mounts:
+        got = {name: steps(mnt, name == "overlayfuse") for name, mnt in mounts}
+        assert got["overlayfuse"] == got["kernel"]
+        assert got["kernel"][1] == "EROFS"
+
+
+def test_rename_over_an_open_file_keeps_it_readable(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "a").write_bytes(b"new data\n")
+        (mnt / "b").write_bytes(b"old data\n")
+        fd = os.open(mnt / "b", os.O_RDONLY)
+        try:
+            os.rename(mnt / "a", mnt / "b")
+            st = os.fstat(fd)
+            return [st.st_nlink, st.st_size, os.pread(fd, 100, 0), (mnt / "b").read_bytes()]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, 9, b"old data\n", b"new data\n"]
+
+
+def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> list[bytes]:
+        (mnt / "d").write_bytes(b"\0" * 8192)
+        cached = os.open(mnt / "d", os.O_RDONLY)
+        try:
+            before = os.pread(cached, 4, 0)  # the old data now sits in the page cache
+            fd = os.open(mnt / "d", os.O_RDWR | os.O_DIRECT)
+            with mmap.mmap(-1, 4096) as buf:  # O_DIRECT wants an aligned buffer
+                buf.write(b"Y" * 4096)
+                os.pwrite(fd, buf, 0)
+            os.close(fd)
+            return [before, os.pread(cached, 4, 0), (mnt / "low").read_bytes()]
+        finally:
+            os.close(cached)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [b"\0" * 4, b"YYYY", b"lower\n"]
+
+
+def test_atime_like_the_kernel(tmp_path: Path) -> None:
+    old = 946684800  # 2000-01-01: older than the mtime, so relatime updates it
+
+    def steps(mnt: Path) -> list[bool]:
+        (mnt / "up").write_bytes(b"upper\n")
+        os.utime(mnt / "up", (old, time.time()))
+        for name in ("low", "up"):
+            (mnt / name).read_bytes()
+        return [os.stat(mnt / name).st_atime > old for name in ("low", "up")]
+
+    with both(tmp_path, lower_atime=old) as mounts:
+        assert same(mounts, steps) == [False, True]
+
+
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value (version 2; entries of tag, perm, id in order)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in sorted(
+        entries, key=lambda e: (e[0], e[2])))
+
+
+def test_posix_acls_honoured_like_the_kernel(unprivileged) -> None:
+    u = unprivileged
+    base = u.home / "acl"
+    sides = {}
+    for name in ("kernel", "overlayfuse"):
+        layers = make_layers(base / name, 1)
+        for d in (base, base / name, *layers.lowers, layers.mnt):
+            os.chmod(d, 0o755)
+        low = layers.lowers[0]
+        (low / "granted").write_bytes(b"granted by an ACL\n")
+        os.chmod(low / "granted", 0o600)  # root only, but for the ACL entry of the user
+        os.setxattr(low / "granted", "system.posix_acl_access", _acl(
+            (_ACL_USER_OBJ, 6, _NO_ID), (_ACL_USER, 4, u.uid), (_ACL_GROUP_OBJ, 0, _NO_ID),
+            (_ACL_MASK, 4, _NO_ID), (_ACL_OTHER, 0, _NO_ID)))
+        (low / "denied").write_bytes(b"everyone but the user\n")
+        os.chmod(low / "denied", 0o666)
+        os.setxattr(low / "denied", "system.posix_acl_access", _acl(
+            (_ACL_USER_OBJ, 6, _NO_ID), (_ACL_USER, 0, u.uid), (_ACL_GROUP_OBJ, 6, _NO_ID),
+            (_ACL_MASK, 6, _NO_ID), (_ACL_OTHER, 6, _NO_ID)))
+        sides[name] = layers
+    code = ("import sys\nfrom pathlib import Path\nm = Path(sys.argv[1])\nfor op in ("
+            "lambda: (m / 'granted').read_bytes(), lambda: open(m / 'denied', 'ab').close(),"
+            " lambda: (m / 'denied').read_bytes()):\n    try:\n        op()\n"
+            "        print('ok')\n    except OSError as e:\n        print(e.errno)\n")
+    got = {}
+    k, f = sides["kernel"], sides["overlayfuse"]
+    with kernel_overlay(k.lowers, k.upper, k.work, k.mnt), \
+            overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt):
+        for name, layers in sides.items():
+            r = u.run_as_user([u.python, "-c", code, str(layers.mnt)], capture_output=True,
+                              text=True)
+            got[name] = r.stdout.split()
+    assert got["overlayfuse"] == got["kernel"] == ["ok", "13", "13"], got
+
+
+def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "f").write_bytes(b"data\n")
+        os.setxattr(mnt / "f", "user.k", b"v")
+        fd = os.open(mnt / "f", os.O_RDWR)
+        try:
+            os.unlink(mnt / "f")
+            return [outcome(os.getxattr, fd, "user.k"), outcome(os.setxattr, fd, "user.n", b"w"),
+                    sorted(os.listxattr(fd)), outcome(os.write, fd, b"more"),
+                    os.pread(fd, 100, 0)]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [b"v", "ok", ["user.k", "user.n"], 4, b"more\n"]
