@@ -153,7 +153,7 @@ def do_mount(options: Sequence[str], mountpoint: str, *, backend: str = "fuse",
     log.info("%s", why)
     if chosen == "fuse":
         from .backends.fuse import transport_note
-        log.info("fuse transport: %s", transport_note())
+        log.info("fuse transport: %s", transport_note(spec))
     log_ignored(other)
     if chosen == "kernel":
         return mount_kernel_backend(spec, mnt, other)

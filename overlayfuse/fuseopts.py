@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 FUSE_ONLY = {"uidmapping": True, "gidmapping": True, "squash_to_root": False,
              "squash_to_uid": True, "squash_to_gid": True, "static_nlink": False,
              "noxattrs": True}
-FUSE_TUNING = {"timeout": True}
+FUSE_TUNING = {"timeout": True, "noacl": False,
+               # overlayfuse's own: zero-message file opens (fusefs/transport.py)
+               "zero_opens": False}
 
 IGNORED = {
     "threaded": "the daemon serves every request from one trio thread (pyfuse3 has no "
@@ -33,8 +35,6 @@ IGNORED = {
                 "there is no slower check to skip",
     "writeback": "the kernel's writeback cache stays off: it would make the kernel the owner "
                  "of sizes and times, which copy-up and the upper files must keep",
-    "noacl": "ACLs are never enabled in the kernel for this mount (pyfuse3 does not negotiate "
-             "FUSE_POSIX_ACL): ACL xattrs are stored and returned as they are, not enforced",
     "xattr_permissions": "0 is the default: owners and modes are stored on the files",
     "fsync": "fsync always reaches the upper filesystem, as with the kernel's overlayfs; "
              "the volatile option skips it",
@@ -68,7 +68,7 @@ def check(key: str, value: str | None) -> str | None:
     if known is None and key not in IGNORED:
         return None
     has_value = value is not None
-    takes_value = known if known is not None else key != "noacl"
+    takes_value = known if known is not None else True
     if has_value != takes_value:
         raise OverlayfuseError(f"option {key} takes a value ({key}=...)" if takes_value
                                else f"option {key} takes no value")

@@ -53,7 +53,7 @@ def run(spec: OverlaySpec | None, argv: Sequence[str], *, backend: str = "auto",
             print(f"overlayfuse: {why}", file=sys.stderr)
             if chosen.name == "fuse":
                 from .backends.fuse import transport_note
-                print(f"overlayfuse: fuse transport: {transport_note()}", file=sys.stderr)
+                print(f"overlayfuse: fuse transport: {transport_note(full)}", file=sys.stderr)
         return chosen.run(full, argv, cwd, mountpoint=mountpoint, env=env, map_root=map_root)
 
 

@@ -162,7 +162,7 @@ def test_posix_acls_honoured_like_the_kernel(unprivileged) -> None:
     u = unprivileged
     base = u.home / "acl"
     sides = {}
-    for name in ("kernel", "overlayfuse"):
+    for name in ("kernel", "overlayfuse", "noacl"):
         layers = make_layers(base / name, 1)
         for d in (base, base / name, *layers.lowers, layers.mnt):
             os.chmod(d, 0o755)
@@ -183,14 +183,17 @@ def test_posix_acls_honoured_like_the_kernel(unprivileged) -> None:
             " lambda: (m / 'denied').read_bytes()):\n    try:\n        op()\n"
             "        print('ok')\n    except OSError as e:\n        print(e.errno)\n")
     got = {}
-    k, f = sides["kernel"], sides["overlayfuse"]
+    k, f, n = sides["kernel"], sides["overlayfuse"], sides["noacl"]
     with kernel_overlay(k.lowers, k.upper, k.work, k.mnt), \
-            overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt):
+            overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt), \
+            overlayfuse_mount(n.lowers, n.upper, n.work, n.mnt, extra=("noacl",)):
         for name, layers in sides.items():
             r = u.run_as_user([u.python, "-c", code, str(layers.mnt)], capture_output=True,
                               text=True)
             got[name] = r.stdout.split()
     assert got["overlayfuse"] == got["kernel"] == ["ok", "13", "13"], got
+    # fuse-overlayfs' noacl: the mode bits alone decide
+    assert got["noacl"] == ["13", "ok", "ok"], got
 
 
 def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:

@@ -15,13 +15,13 @@ from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mou
 log = logging.getLogger(__name__)
 
 
-def transport_note() -> str:
-    """How the daemon talks to the kernel here (fusefs/transport.py), for ``check`` and -v."""
+def transport_note(spec: OverlaySpec | None = None) -> str:
+    """How the daemon talks to the kernel (fusefs/transport.py), for ``check`` and -v."""
     try:
         from ..fusefs import transport
     except ImportError as e:
         return f"unavailable: {e}"
-    return transport.describe()
+    return transport.describe(spec is not None and "zero_opens" in spec.fuse_option_map())
 
 
 class FuseBackend(Backend):

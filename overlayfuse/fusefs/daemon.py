@@ -120,8 +120,9 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
     ovl = Overlay(spec, Config.for_spec(spec, as_root=os.geteuid() == 0))
-    ops = OverlayOperations(ovl, zero_opens=transport.zero_message_opens())
-    log.debug("fuse transport: %s", transport.describe())
+    zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
+    ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
+    log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
     try:
         pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
     except RuntimeError as e:

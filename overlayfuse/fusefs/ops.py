@@ -48,20 +48,23 @@ class OverlayOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ovl: Overlay, zero_opens: bool = False) -> None:
+    def __init__(self, ovl: Overlay, zero_dirs: bool = False, zero_opens: bool = False
+                 ) -> None:
         super().__init__()
         self.ovl = ovl
         # as root, POSIX ACLs are honoured as on the kernel's overlay: the kernel checks them
         # (default_permissions is on anyway), the backing layers store and inherit them
-        self.enable_acl = ovl.config.as_root
+        self.enable_acl = ovl.config.as_root and ovl.config.acl
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
         self.after_init: Callable[[], None] | None = None
-        # zero-message opens (transport.py): OPEN/OPENDIR answered ENOSYS, files and dirs
-        # named by inode in every later request, O_TRUNC sent as a setattr
+        # zero-message dirs and file opens (transport.py): OPENDIR (OPEN) answered ENOSYS,
+        # dirs (files) named by inode in every later request, O_TRUNC sent as a setattr
+        self.zero_dirs = zero_dirs or zero_opens
         self.zero_opens = zero_opens
-        if zero_opens:
+        if self.zero_dirs:
             self.inode_as_fh = True
+        if zero_opens:
             self.enable_atomic_o_trunc = False
             ovl.inofiles = InodeFiles(ovl)
 
@@ -215,7 +218,7 @@ class OverlayOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
     @_errors
     async def opendir(self, inode, ctx):
-        if self.zero_opens:
+        if self.zero_dirs:
             # never asked again: the kernel caches listings (FOPEN_CACHE_DIR) and drops them
             # on its own changes to the dir, which are the only changes there are
             raise pyfuse3.FUSEError(errno.ENOSYS)
@@ -227,7 +230,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        if self.zero_opens:
+        if self.zero_dirs:
             # one listing per directory (overlay.cached_listing), not per open: the kernel
             # reads it from offset 0 whenever its cached copy is gone
             handle = readdirops.DirHandle(self.ovl.table.get(fh), -1)  # no fd: never opened

@@ -33,6 +33,8 @@ class Config:
     owners: Owners = field(default_factory=Owners)  # uid/gid mapping and squashing
     static_nlink: bool = False  # every directory reports nlink 1 (fuse-overlayfs' option)
     xattrs: bool = True  # noxattrs=1: the mount has no xattrs (fuse-overlayfs' option)
+    acl: bool = True  # noacl: POSIX ACLs not enforced on a root mount (fuse-overlayfs' option)
+    zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
@@ -40,7 +42,8 @@ class Config:
         opts = spec.fuse_option_map()
         config = cls(as_root=as_root, owners=owners_from_options(opts),
                      static_nlink="static_nlink" in opts,
-                     xattrs=int(opts.get("noxattrs") or 0) == 0)
+                     xattrs=int(opts.get("noxattrs") or 0) == 0,
+                     acl="noacl" not in opts, zero_opens="zero_opens" in opts)
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config

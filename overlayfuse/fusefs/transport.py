@@ -1,12 +1,20 @@
-"""What the pyfuse3 binding offers: stock, or patched for zero-message opens.
+"""What the pyfuse3 binding offers, and which of its zero-message modes a mount uses.
 
 tools/pyfuse3/ holds our small patch to pyfuse3 3.5.0, applied to the pinned sdist by
 tools/setup.sh: requests with file handle 0 name their inode (``Operations.inode_as_fh``), an
 OPENDIR reply can ask for ``cache_readdir``, and a filesystem can decline atomic O_TRUNC.  With
-it the daemon answers OPEN and OPENDIR with ENOSYS, and the kernel stops sending OPEN, FLUSH,
-RELEASE, OPENDIR and RELEASEDIR and caches listings (PYFUSE3-FACTS: "Zero-message opens").  On
-stock pyfuse3 every handler sees file handle 0 in that mode, so there the daemon opens files
-the classic way: slower, the same behaviour.
+it the daemon can answer OPENDIR, and OPEN, with ENOSYS; the kernel then stops sending them (and
+RELEASEDIR, FLUSH, RELEASE) for the whole mount (PYFUSE3-FACTS: "Zero-message opens"):
+
+- zero-message directories, always on the patched binding: the kernel caches listings and
+  drops them on its own changes to a dir, which are the only changes there are;
+- zero-message file opens, with ``-o zero_opens``: warm opens cost no request at all, but the
+  daemon never hears of an open, so a lower file is copied up at its first change instead of at
+  an open for write (the merged view is the same; only a look into the upper dir between the
+  open and the first write tells).  Off by default, to keep the kernel's copy-up timing.
+
+Stock pyfuse3 hands every handler file handle 0 in those modes, so there the daemon opens files
+and dirs the classic way: slower, the same behaviour.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import os
 
 import pyfuse3
 
-CLASSIC_ENV = "OVERLAYFUSE_CLASSIC_OPENS"  # "1": classic opens even on the patched binding
+OPENS_ENV = "OVERLAYFUSE_OPENS"  # "classic": neither mode; "zero": file opens too, every mount
 
 
 def patched() -> bool:
@@ -24,16 +32,24 @@ def patched() -> bool:
             and hasattr(pyfuse3.FileInfo(), "cache_readdir"))
 
 
-def zero_message_opens() -> bool:
-    """Whether a daemon started now uses zero-message opens."""
-    return patched() and os.environ.get(CLASSIC_ENV) != "1"
+def modes(zero_opens: bool) -> tuple[bool, bool]:
+    """(zero-message dirs, zero-message file opens) for a mount (``-o zero_opens`` asked
+    for the second)."""
+    forced = os.environ.get(OPENS_ENV, "")
+    if not patched() or forced == "classic":
+        return False, False
+    return True, zero_opens or forced == "zero"
 
 
-def describe() -> str:
+def describe(zero_opens: bool = False) -> str:
     """One phrase for ``check`` and ``-v``."""
-    if zero_message_opens():
+    dirs, files = modes(zero_opens)
+    if files:
         return "zero-message opens and kernel-cached listings (patched pyfuse3)"
+    if dirs:
+        return ("kernel-cached listings, classic file opens (patched pyfuse3; -o zero_opens "
+                "for zero-message file opens)")
     if patched():
-        return f"classic opens ({CLASSIC_ENV}=1; the patched pyfuse3 is installed)"
+        return f"classic opens ({OPENS_ENV}=classic; the patched pyfuse3 is installed)"
     return ("classic opens (stock pyfuse3: every open, close and listing costs requests; "
             "tools/setup.sh builds the patched one)")
