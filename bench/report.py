@@ -9,10 +9,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic", "raw")
+SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic",
+                "overlayfuse-zero", "raw")
 REFS = ("kernel", "fuse-overlayfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "f-o", "overlayfuse": "ofs",
-         "overlayfuse-classic": "ofs-c", "raw": "raw"}
+         "overlayfuse-classic": "ofs-c", "overlayfuse-zero": "ofs-z", "raw": "raw"}
 
 
 def _order(names: list[str]) -> list[str]:
@@ -111,7 +112,7 @@ def table_markdown(result: dict[str, Any]) -> str:
     for name, w in meta["workloads"].items():
         lines.append(f"- `{name}`: {w['what']}")
 
-    fuse = [s for s in systems if s in ("overlayfuse", "overlayfuse-classic", "fuse-overlayfs")]
+    fuse = [s for s in systems if s.startswith("overlayfuse") or s == "fuse-overlayfs"]
     if fuse:
         lines += ["", "Daemon cost per run: CPU seconds (median) / peak RSS (VmHWM, max).", ""]
         head = ["workload", "mode", *[f"{s} CPU" for s in fuse], *[f"{s} RSS" for s in fuse]]
@@ -175,7 +176,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         panels.append(("median time, seconds (log scale)", systems,
                        lambda k, s: summary[k]["systems"][s]["median"]))
     colors = {"kernel": "#4c72b0", "fuse-overlayfs": "#dd8452", "overlayfuse": "#c44e52",
-              "overlayfuse-classic": "#8172b3",
+              "overlayfuse-classic": "#8172b3", "overlayfuse-zero": "#937860",
               "raw": "#55a868"}
     height = max(4.0, 0.32 * len(keys) * max(1, max(len(p[1]) for p in panels)) / 2 + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), height), squeeze=False)

@@ -380,16 +380,26 @@ class Overlayfuse(_Daemon):
 
 
 class OverlayfuseClassic(Overlayfuse):
-    """overlayfuse with classic opens (OPEN/RELEASE per open) on the patched binding: the
-    zero-message-opens lever, measured side by side.  Run only when named in --systems."""
+    """overlayfuse with classic opens and listings (no zero-message mode) on the patched
+    binding: the lever, measured side by side.  Run only when named in --systems."""
 
     name = "overlayfuse-classic"
     default = False
 
     def environ(self) -> dict[str, str]:
-        return {"OVERLAYFUSE_CLASSIC_OPENS": "1"}
+        return {"OVERLAYFUSE_OPENS": "classic"}
+
+
+class OverlayfuseZero(Overlayfuse):
+    """overlayfuse with zero-message file opens too (``-o zero_opens``)."""
+
+    name = "overlayfuse-zero"
+    default = False
+
+    def environ(self) -> dict[str, str]:
+        return {"OVERLAYFUSE_OPENS": "zero"}
 
 
 ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
-                                               OverlayfuseClassic(), Raw())}
+                                               OverlayfuseClassic(), OverlayfuseZero(), Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")
