@@ -158,12 +158,12 @@ def test_load_holds(load_run: LoadRun) -> None:
         f"daemon RSS {rss_after} kB after the load, {rss_idle} kB idle"
 
 
-# Known, not fixed here (see the harden branch's report): a hard-linked lower file keeps
-# reporting nlink 2 after a rename over its other name (the hard-link index's link count);
-# rarely, under concurrency, a create in the shared dir answers EIO or EISDIR.  Not strict: it
-# passes when neither shows in a run, and then says XPASS.
-@pytest.mark.xfail(reason="index nlink after a rename over a hard link; a rare EIO/EISDIR on "
-                   "create under load", strict=False)
+# Known, not fixed yet: rarely, under concurrency, a create in the shared dir answers EIO or
+# EISDIR (about 5 runs in 35).  Not strict: it passes when that does not show in a run, and
+# then says XPASS.  (The other cause it had, a hard-linked lower file's count after a rename
+# over its other name, is fixed: test_semantics.test_lower_hard_link_count_after_its_names_go.)
+@pytest.mark.xfail(reason="a rare EIO/EISDIR on create in a shared dir under load",
+                   strict=False)
 def test_load_matches_kernel_replay(load_run: LoadRun, tmp_path: Path) -> None:
     """No unexpected errno at all; each worker's log replayed on a kernel overlay: the same
     outcomes, the same tree."""

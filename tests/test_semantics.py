@@ -618,6 +618,25 @@ def test_renameat2_noreplace_and_exchange(system: str, layers: Layers) -> None:
         assert diff_trees(seen, tree_snapshot(layers.mnt)) == []
 
 
+def test_lower_hard_link_count_after_its_names_go(system: str, layers: Layers) -> None:
+    """A name of a hard-linked lower file replaced by a rename, then another unlinked: the
+    names left count right, also when their attributes were just read (index=on's counts)."""
+    low = layers.lowers[1]
+    (low / "hl1").write_bytes(b"linked")
+    os.link(low / "hl1", low / "hl2")
+    os.link(low / "hl1", low / "hl3")
+    (low / "s").write_bytes(b"s")
+    with mount_system(system, layers):
+        m = layers.mnt
+        assert os.stat(m / "hl1").st_nlink == os.stat(m / "hl2").st_nlink == 3
+        os.rename(m / "s", m / "hl2")
+        assert os.stat(m / "hl1").st_nlink == 2
+        os.unlink(m / "hl3")
+        assert os.stat(m / "hl1").st_nlink == 1
+        assert (m / "hl1").read_bytes() == b"linked" and (m / "hl2").read_bytes() == b"s"
+    assert os.stat(low / "hl1").st_nlink == 3  # the lower is untouched
+
+
 def test_lower_hardlinks_stay_one_inode(system: str, layers: Layers) -> None:
     """Two names of one lower inode stay one inode after one is copied up (index=on)."""
     build(layers.lowers[0], {"h1": b"shared"})

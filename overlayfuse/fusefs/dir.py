@@ -219,9 +219,20 @@ def _existing(ovl: Overlay, parent: Node, name: bytes) -> Node:
     return fresh
 
 
+def _backing_links(ovl: Overlay, node: Node) -> int:
+    """The link count of the entry that holds the node now: whether other names share it (the
+    cached attributes may have been dropped by an earlier change to any of its names)."""
+    if node.st is not None:
+        return node.st.st_nlink
+    try:
+        return ovl.lstat(node).st_nlink
+    except (OSError, pyfuse3.FUSEError):
+        return 1
+
+
 def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     """Take ``name`` out of the merged tree: delete the upper entry and/or leave a whiteout."""
-    links = node.st.st_nlink if node.st is not None else 1
+    links = _backing_links(ovl, node)
     ovl.changed(parent, listing=True)
     ovl.changed(node, listing=True)
     udir = ensure_upper_dir(ovl, parent)
@@ -335,6 +346,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
     if src.is_dir and _is_ancestor(src, new_parent):
         raise pyfuse3.FUSEError(errno.EINVAL)
+    dst_links = _backing_links(ovl, dst) if dst is not None else 0
     ovl.changed(old_parent, new_parent, src, listing=True)
     if dst is not None:
         ovl.changed(dst, listing=True)
@@ -349,8 +361,7 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
     if dst is not None and dst.is_dir and dst.upper:
         _clear_whiteouts(ovl, dst)
         ovl.dirfds.forget_tree(0, join(new_parent.upath(), new_name))
-    if (dst is not None and upper_dst is None and dst.kind == stat.S_IFREG
-            and dst.st is not None and dst.st.st_nlink > 1):
+    if dst is not None and upper_dst is None and dst.kind == stat.S_IFREG and dst_links > 1:
         copy_up_to_index(ovl, dst)  # its other names must keep a true link count
     if dst is not None and ovl.inofiles is not None:
         ovl.inofiles.pin(dst)  # replaced, maybe still open (see _remove_entry)
