@@ -18,7 +18,8 @@ from typing import Sequence
 
 from .errors import OverlayfuseError
 from .fuseopts import log_ignored
-from .spec import OverlaySpec, parse_options, split_unescaped
+from .backends.fuse import fuse_mount_options
+from .spec import OverlaySpec, last_wins, parse_options, split_unescaped
 from .validate import check_fuse_prerequisites, mount_at, validate
 
 log = logging.getLogger("overlayfuse")
@@ -26,13 +27,6 @@ log = logging.getLogger("overlayfuse")
 SUBCOMMANDS = ("mount", "umount", "check", "run", "store", "build")
 BACKENDS = ("auto", "kernel", "fuse")
 USAGE_ERROR = 2
-
-# Harmless options libfuse applies to the FUSE mount itself, each with its opposite: the last
-# one given wins, as with mount(8).  Every other harmless option is accepted and dropped.
-FUSE_FLAG_PAIRS = (("ro", "rw"), ("nodev", "dev"), ("nosuid", "suid"), ("noexec", "exec"),
-                   ("sync", "async"), ("noatime", "atime"))
-FUSE_PASSED = frozenset({"dirsync", "allow_other", "default_permissions"})
-FUSE_PASSED_KEYS = frozenset({"max_read"})
 
 # per-mount flags of mount(2), applied to a kernel overlay by a bind remount
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -51,46 +45,10 @@ def version() -> str:
 
 # -- options for the backends -----------------------------------------------------------------
 
-def _last_wins(other: Sequence[str]) -> dict[str, str]:
-    """For each flag pair, the member given last (pairs never given are absent)."""
-    chosen: dict[str, str] = {}
-    for item in other:
-        for on, off in FUSE_FLAG_PAIRS:
-            if item in (on, off):
-                chosen[on] = item
-    return chosen
-
-
-def fuse_mount_options(other: Sequence[str], as_root: bool) -> list[str]:
-    """The libfuse mount options for the harmless options given (plus root's defaults).
-
-    As root, ``allow_other`` and ``default_permissions`` are on, as with fuse-overlayfs: a
-    container's processes run under many uids.  As root devices and setuid bits work unless
-    ``nodev``/``nosuid`` is given, as on the kernel's overlay (libfuse would add both: a build
-    chroot on the merged tree could not open its own /dev/null); for a normal user
-    fusermount3 refuses ``dev``/``suid`` anyway.
-    """
-    opts: list[str] = ["allow_other", "default_permissions"] if as_root else []
-    chosen = _last_wins(other)
-    if as_root:
-        chosen.setdefault("nodev", "dev")
-        chosen.setdefault("nosuid", "suid")
-    for item in chosen.values():
-        if item in ("dev", "suid") and not as_root:
-            continue
-        if item not in ("rw", "async", "atime", "exec"):  # the defaults: nothing to say
-            opts.append(item)
-    for item in other:
-        key = item.partition("=")[0]
-        if (item in FUSE_PASSED or key in FUSE_PASSED_KEYS) and item not in opts:
-            opts.append(item)
-    return opts
-
-
 def kernel_mount_flags(other: Sequence[str]) -> int:
     """mount(2) per-mount flags for the harmless options given (last of each pair wins)."""
     flags = 0
-    for item in _last_wins(other).values():
+    for item in last_wins(other).values():
         flags |= KERNEL_FLAGS.get(item, 0)
     return flags
 

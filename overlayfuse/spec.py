@@ -8,6 +8,7 @@ double-quoted value (``context="a,b"``) may hold commas, as libmount allows.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import fuseopts
@@ -36,6 +37,21 @@ HARMLESS_KEYS = frozenset({
     "fsname", "subtype", "comment",
 })
 HARMLESS_PREFIXES = ("x-",)  # x-systemd.* and friends from /etc/fstab
+
+# Harmless options a backend applies to the mount itself, each with its opposite: the last one
+# given wins, as with mount(8).
+MOUNT_FLAG_PAIRS = (("ro", "rw"), ("nodev", "dev"), ("nosuid", "suid"), ("noexec", "exec"),
+                    ("sync", "async"), ("noatime", "atime"))
+
+
+def last_wins(other: Sequence[str]) -> dict[str, str]:
+    """For each flag pair, the member given last (pairs never given are absent)."""
+    chosen: dict[str, str] = {}
+    for item in other:
+        for on, off in MOUNT_FLAG_PAIRS:
+            if item in (on, off):
+                chosen[on] = item
+    return chosen
 
 PATH_KEYS = ("lowerdir", "upperdir", "workdir")
 

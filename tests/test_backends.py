@@ -319,3 +319,22 @@ def test_without_user_namespaces_run_falls_back_to_fuse(unprivileged: Any) -> No
     assert "backend fuse" in r.stderr and "Operation not permitted" in r.stderr
     assert (ly.lowers[1] / "f").read_text() == "lower"
     assert mounts_under(u.home) == []
+
+
+def test_api_fuse_mount_as_root_is_every_users(open_tmp: Path) -> None:
+    """overlayfuse.mount(..., backend="fuse") as root mounts as `overlayfuse mount` does:
+    allow_other (every user sees it, as a kernel overlay), dev and suid."""
+    from mounts import mounts_at
+    ly = make_layers(open_tmp / "api", 1)
+    (ly.lowers[0] / "f").write_text("for everyone")
+    os.chmod(ly.lowers[0] / "f", 0o644)
+    for d in (open_tmp / "api", ly.mnt):
+        os.chmod(d, 0o755)
+    spec = OverlaySpec(lowerdirs=(str(ly.lowers[0]),), upperdir=str(ly.upper),
+                       workdir=str(ly.work))
+    with overlayfuse.mount(spec, str(ly.mnt), backend="fuse"):
+        options = mounts_at(ly.mnt)[-1].options
+        assert "allow_other" in options and "nodev" not in options and "nosuid" not in options
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "cat", str(ly.mnt / "f")], capture_output=True, text=True)
+        assert (r.returncode, r.stdout) == (0, "for everyone"), r.stderr

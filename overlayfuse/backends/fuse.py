@@ -8,11 +8,44 @@ from typing import Sequence
 from ..probe import probe as run_probe
 from ..probe import deferred_signals, fuse_preconditions, probe_dir_for, unmount_fuse
 from ..errors import OverlayfuseError
-from ..spec import OverlaySpec
+from ..spec import OverlaySpec, last_wins
 from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
                    wait_forwarding)
 
 log = logging.getLogger(__name__)
+
+
+# harmless options libfuse takes as they are (the flag pairs come from spec.last_wins)
+FUSE_PASSED = frozenset({"dirsync", "allow_other", "default_permissions"})
+FUSE_PASSED_KEYS = frozenset({"max_read"})
+
+
+def fuse_mount_options(other: Sequence[str] = (), as_root: bool | None = None) -> list[str]:
+    """The libfuse mount options for the harmless options given (plus root's defaults).
+
+    As root, ``allow_other`` and ``default_permissions`` are on, as with fuse-overlayfs: a
+    container's processes run under many uids.  As root devices and setuid bits work unless
+    ``nodev``/``nosuid`` is given, as on the kernel's overlay (libfuse would add both: a build
+    chroot on the merged tree could not open its own /dev/null); for a normal user
+    fusermount3 refuses ``dev``/``suid`` anyway.
+    """
+    if as_root is None:
+        as_root = os.geteuid() == 0
+    opts: list[str] = ["allow_other", "default_permissions"] if as_root else []
+    chosen = last_wins(other)
+    if as_root:
+        chosen.setdefault("nodev", "dev")
+        chosen.setdefault("nosuid", "suid")
+    for item in chosen.values():
+        if item in ("dev", "suid") and not as_root:
+            continue
+        if item not in ("rw", "async", "atime", "exec"):  # the defaults: nothing to say
+            opts.append(item)
+    for item in other:
+        key = item.partition("=")[0]
+        if (item in FUSE_PASSED or key in FUSE_PASSED_KEYS) and item not in opts:
+            opts.append(item)
+    return opts
 
 
 def transport_note(spec: OverlaySpec | None = None) -> str:
@@ -33,9 +66,13 @@ class FuseBackend(Backend):
             return Verdict(False, why_not)
         return run_probe(probe_dir_for(spec)).verdict(self.name, purpose)
 
-    def mount(self, spec: OverlaySpec, target: str, *, fuse_options: Sequence[str] = (),
-              debug: bool = False) -> Mount:
-        """Start the daemon in the background; returns once the mount is ready."""
+    def mount(self, spec: OverlaySpec, target: str, *,
+              fuse_options: Sequence[str] | None = None, debug: bool = False) -> Mount:
+        """Start the daemon in the background; returns once the mount is ready.  Without
+        ``fuse_options``, those of a plain ``overlayfuse mount`` (as root: allow_other, dev,
+        suid, so that every user sees it, as a kernel overlay)."""
+        if fuse_options is None:
+            fuse_options = fuse_mount_options()
         try:
             from ..fusefs.daemon import mount_fuse
         except ImportError as e:
