@@ -72,10 +72,10 @@ def test_harmless_options_come_back_separately() -> None:
             'context="system_u:object_r:container_file_t:s0:c1,c2",fscontext=a,defcontext=b,'
             "rootcontext=c,allow_other,default_permissions,max_read=131072,x-systemd.automount")
     spec, other = parse_options(text, cwd="/")
-    assert spec == OverlaySpec(("/a",), "/u", "/w")
+    # noacl is a FUSE tuning (no ACL enforcement), kept for the daemon, not a harmless option
+    assert spec == OverlaySpec(("/a",), "/u", "/w", fuse_options=(("noacl", None),))
     assert other == ("ro", "rw", "lazytime", "noatime", "nodev", "nosuid", "noexec", "dev",
                      "suid", "exec", "atime", "relatime", "strictatime", "fsync=0",
-                     "noacl",
                      'context="system_u:object_r:container_file_t:s0:c1,c2"', "fscontext=a",
                      "defcontext=b", "rootcontext=c", "allow_other", "default_permissions",
                      "max_read=131072", "x-systemd.automount")
