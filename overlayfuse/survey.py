@@ -198,23 +198,15 @@ def record_kernel_features(spec: OverlaySpec, userxattr: bool) -> None:
     """Before a kernel mount writes to the upper, record on it what the options let the kernel
     write there (redirects, an index, metacopy), in the namespace it will use: the kernel keeps
     no such record of its own, and a later reader must not have to walk the tree to know."""
-    if spec.upperdir is None:
-        return
-    enabled = set()
-    if spec.option("redirect_dir") == "on" or (spec.option("redirect_dir") is None
-                                               and not userxattr and _kernel_param("redirect_dir")):
-        enabled.add(fmt.REDIRECT)
-    if spec.option("index") == "on" or (spec.option("index") is None and not userxattr
-                                        and _kernel_param("index")):
-        enabled.add(fmt.INDEX)
-    if spec.option("metacopy") == "on" or (spec.option("metacopy") is None and not userxattr
-                                           and _kernel_param("metacopy")):
-        enabled.add(METACOPY)
-    if userxattr:
-        enabled -= {fmt.REDIRECT, fmt.INDEX, METACOPY}  # the kernel refuses them with userxattr
+    if spec.upperdir is None or userxattr:
+        return  # with userxattr the kernel refuses all three: nothing it writes needs a word
+    enabled = {feature for option, feature in (("redirect_dir", fmt.REDIRECT),
+                                               ("index", fmt.INDEX), ("metacopy", METACOPY))
+               if spec.option(option) == "on"
+               or spec.option(option) is None and _kernel_param(option)}
     if not enabled:
         return
-    prefix = fmt.USER_PREFIX if userxattr or not _as_root() else fmt.TRUSTED_PREFIX
+    prefix = fmt.TRUSTED_PREFIX if _as_root() else fmt.USER_PREFIX
     fd = os.open(spec.upperdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fmt.add_features(fd, prefix, enabled, durable=not spec.volatile)

@@ -58,9 +58,6 @@ class InodeFiles:
         self._fds: OrderedDict[int, _Entry] = OrderedDict()
         self._pinned: dict[int, _Entry] = {}
 
-    def __len__(self) -> int:
-        return len(self._fds) + len(self._pinned)
-
     # -- the fds ---------------------------------------------------------------------------
     def _entry(self, node: Node, writable: bool) -> _Entry:
         pinned = self._pinned.get(node.ino)
