@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # key -> True when it takes a value, False for a flag
 FUSE_ONLY = {"uidmapping": True, "gidmapping": True, "squash_to_root": False,
              "squash_to_uid": True, "squash_to_gid": True, "static_nlink": False,
-             "noxattrs": True}
+             "noxattrs": True, "xattr_permissions": True}
 FUSE_TUNING = {"timeout": True, "noacl": False,
                # overlayfuse's own: zero-message file opens (fusefs/transport.py)
                "zero_opens": False}
@@ -35,12 +35,11 @@ IGNORED = {
                 "there is no slower check to skip",
     "writeback": "the kernel's writeback cache stays off: it would make the kernel the owner "
                  "of sizes and times, which copy-up and the upper files must keep",
-    "xattr_permissions": "0 is the default: owners and modes are stored on the files",
     "fsync": "fsync always reaches the upper filesystem, as with the kernel's overlayfs; "
              "the volatile option skips it",
 }
 # the default value of an option that only FUSE honours: nothing to do, any backend will do
-DEFAULT_IS_IGNORED = {"noxattrs": "0"}
+DEFAULT_IS_IGNORED = {"noxattrs": "0", "xattr_permissions": "0"}
 INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions", "fsync", "noxattrs")
 
 FUSE, IGNORE = "fuse", "ignore"
@@ -85,12 +84,8 @@ def check(key: str, value: str | None) -> str | None:
             raise OverlayfuseError(f"timeout={value}: expected seconds (a number >= 0)")
     elif key in INT_VALUED:
         _check_int(key, value)
-        if key == "xattr_permissions" and value != "0":
-            if value not in ("1", "2"):
-                raise OverlayfuseError(f"xattr_permissions={value}: expected 0, 1 or 2")
-            raise OverlayfuseError(
-                f"xattr_permissions={value} is not supported: overlayfuse keeps owners and "
-                "modes on the files themselves, not in an override xattr")
+        if key == "xattr_permissions" and value not in ("0", "1", "2"):
+            raise OverlayfuseError(f"xattr_permissions={value}: expected 0, 1 or 2")
     if key in IGNORED or (key in DEFAULT_IS_IGNORED and DEFAULT_IS_IGNORED[key] == value):
         return IGNORE
     return FUSE

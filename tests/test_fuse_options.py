@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -76,7 +77,8 @@ def test_squash_shows_everyone_as_one_owner_and_keeps_writes_mapped() -> None:
     ("squash_to_uid=5", True), ("squash_to_gid=5", True), ("static_nlink", True),
     ("timeout=5", False), ("noacl", False), ("threaded=1", False), ("fast_ino=1", False),
     ("writeback=0", False), ("xattr_permissions=0", False), ("noxattrs=1", True),
-    ("noxattrs=0", False), ("fsync=0", False),
+    ("noxattrs=0", False), ("fsync=0", False), ("xattr_permissions=1", True),
+    ("xattr_permissions=2", True),
 ])
 def test_which_options_only_fuse_can_honour(item: str, needs_fuse: bool) -> None:
     spec, _ = parse_options(f"lowerdir=/a,{item}", cwd="/")
@@ -225,6 +227,51 @@ def test_noxattrs_through_each_form(owned, form: str) -> None:  # noqa: ANN001
         assert os.getxattr(mnt / "root", "user.k") == b"v"
 
 
+XP_NAME = {"1": "security.fuseoverlayfs.override_stat", "2": "user.fuseoverlayfs.override_stat"}
+
+
+@pytestmark_root
+@pytest.mark.parametrize("level", ["1", "2"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_xattr_permissions_through_each_form(owned, form: str, level: str) -> None:  # noqa: ANN001
+    """``xattr_permissions=1|2``: a chown and a chmod land in the upper's override xattr (the
+    files stay root's on disk, mode | 0755), mapped like real owners; the xattr is hidden."""
+    mnt, name = owned.mnt, XP_NAME[level]
+    with cli_mounted(mnt):
+        r = ovf(*FORMS[form](f"{layer_opts(owned)},{MAP},xattr_permissions={level}", str(mnt)))
+        assert r.returncode == 0, r.stderr
+        os.chmod(mnt / "root", 0o640)
+        os.chown(mnt / "root", 100005, 100006)
+        st = os.lstat(mnt / "root")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (100005, 100006, 0o640)
+        disk = os.lstat(owned.upper / "root")
+        assert (disk.st_uid, disk.st_gid, stat.S_IMODE(disk.st_mode)) == (0, 0, 0o755)
+        assert os.getxattr(owned.upper / "root", name) == b"5:6:640"  # on-disk IDs
+        assert name not in os.listxattr(mnt / "root")
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "root", name)
+        assert e.value.errno == 61  # ENODATA
+        with pytest.raises(OSError) as e:
+            os.setxattr(mnt / "root", name, b"0:0:4755")
+        assert e.value.errno == 1  # EPERM
+    assert os.getxattr(owned.upper, name) == b"0:0:755"  # the upper's root says it uses it
+
+
+@pytestmark_root
+def test_run_with_xattr_permissions_reads_containers_layers(owned) -> None:  # noqa: ANN001
+    """A lower laid out by containers/storage (``user.containers.override_stat``, its root
+    marked) shows the stored owners and modes through ``run``, on FUSE (auto's choice)."""
+    low = owned.lowers[0]
+    os.setxattr(low, "user.containers.override_stat", b"0:0:755")
+    os.setxattr(low / "one", "user.containers.override_stat", b"1000:1001:4750")
+    os.setxattr(low / "dir", "user.containers.override_stat", b"7:8:700")
+    r = ovf("run", "-v", "-o", f"lowerdir={esc(low)},xattr_permissions=2", "--",
+            "stat", "-c", "%u:%g:%a", "one", "dir", "far")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1000:1001:4750", "7:8:700", "70000:70000:644"]
+    assert "backend fuse (auto: xattr_permissions= can only be honoured by" in r.stderr
+
+
 @pytestmark_root
 def test_auto_picks_fuse_for_a_mapping_and_says_why(owned) -> None:  # noqa: ANN001
     mnt = owned.mnt
@@ -238,18 +285,21 @@ def test_auto_picks_fuse_for_a_mapping_and_says_why(owned) -> None:  # noqa: ANN
 
 
 @pytestmark_root
+@pytest.mark.parametrize("option, named", [("squash_to_root", "squash_to_root"),
+                                           ("xattr_permissions=2", "xattr_permissions=")])
 @pytest.mark.parametrize("backend", ["kernel", "kernel-userns"])
-def test_a_forced_kernel_backend_refuses_fuse_only_options(owned, backend: str) -> None:  # noqa: ANN001
+def test_a_forced_kernel_backend_refuses_fuse_only_options(owned, backend: str, option: str,  # noqa: ANN001
+                                                           named: str) -> None:
     if backend == "kernel":
-        r = ovf("mount", "--backend", backend, "-o", f"{layer_opts(owned)},squash_to_root",
+        r = ovf("mount", "--backend", backend, "-o", f"{layer_opts(owned)},{option}",
                 str(owned.mnt))
     else:
-        r = ovf("run", "--backend", backend, "-o", f"{layer_opts(owned)},squash_to_root",
+        r = ovf("run", "--backend", backend, "-o", f"{layer_opts(owned)},{option}",
                 "--", "true")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [
         f"overlayfuse: backend {backend} cannot {'mount' if backend == 'kernel' else 'run'} "
-        "this overlay: squash_to_root can only be honoured by the FUSE backend"]
+        f"this overlay: {named} can only be honoured by the FUSE backend"]
     assert not is_mounted(owned.mnt)
 
 
@@ -281,7 +331,9 @@ BAD = [
     ("noxattrs=all", "noxattrs=all: expected a number"),
     ("fsync=off", "fsync=off: expected a number"),
     ("xattr_permissions=3", "xattr_permissions=3: expected 0, 1 or 2"),
-    ("xattr_permissions=1", "xattr_permissions=1 is not supported"),
+    ("xattr_permissions=-1", "xattr_permissions=-1: expected 0, 1 or 2"),
+    ("xattr_permissions=user", "xattr_permissions=user: expected a number"),
+    ("xattr_permissions", "option xattr_permissions takes a value"),
     ("plugins=/usr/lib/x.so", "option plugins is refused"),
     ("ino32_t", "option ino32_t is refused"),
 ]

@@ -7,20 +7,29 @@ import stat
 
 import pyfuse3
 
-from . import index
+from .. import format as fmt
+from . import index, override
 from .copy_up import copy_up
 from .inodes import ROOT, Node
 from .overlay import Overlay
 
 
-def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-    """Real attributes of the defining entry, with the overlay's inode number and link count."""
+def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result,
+                     fd: int = -1) -> pyfuse3.EntryAttributes:
+    """Real attributes of the defining entry, with the overlay's inode number and link count
+    (and the owner and mode of an override xattr, ``fd`` for an entry without a name)."""
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = node.ino
     attr.generation = ovl.table.generation(node)
     attr.entry_timeout = ovl.config.entry_timeout
     attr.attr_timeout = ovl.config.attr_timeout
     attr.st_mode = st.st_mode
+    uid, gid = st.st_uid, st.st_gid
+    if ovl.overrides.active and override.applies(st.st_mode):
+        found = stored_override(ovl, node, fd)
+        if found is not None:
+            uid, gid, mode = found
+            attr.st_mode = stat.S_IFMT(st.st_mode) | mode
     if node.merged or (ovl.config.static_nlink and node.is_dir):
         attr.st_nlink = 1  # as the kernel: counting subdirs of every layer isn't worth it
     elif node.nlink_override is not None:
@@ -31,9 +40,9 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
         attr.st_nlink = st.st_nlink
     owners = ovl.config.owners
     if owners.identity:
-        attr.st_uid, attr.st_gid = st.st_uid, st.st_gid
+        attr.st_uid, attr.st_gid = uid, gid
     else:
-        attr.st_uid, attr.st_gid = owners.shown(st.st_uid, st.st_gid)
+        attr.st_uid, attr.st_gid = owners.shown(uid, gid)
     attr.st_rdev = st.st_rdev
     attr.st_size = st.st_size
     attr.st_blksize = st.st_blksize
@@ -42,6 +51,18 @@ def entry_attributes(ovl: Overlay, node: Node, st: os.stat_result) -> pyfuse3.En
     attr.st_mtime_ns = st.st_mtime_ns
     attr.st_ctime_ns = st.st_ctime_ns
     return attr
+
+
+def stored_override(ovl: Overlay, node: Node, fd: int = -1) -> tuple[int, int, int] | None:
+    """(uid, gid, mode) kept in the override xattr of the entry defining ``node``."""
+    if fd >= 0:
+        return ovl.overrides.read_any(fd)
+    try:
+        dirfd, name = ovl.location(node)
+        layer = 0 if node.upper or node.index is not None else node.lower[0][0]
+    except (OSError, pyfuse3.FUSEError, IndexError):
+        return None  # a listed entry without a node of its own: its real attributes
+    return ovl.overrides.read(layer, fmt.proc_path(dirfd, name), not name)
 
 
 def negative_entry(ovl: Overlay) -> pyfuse3.EntryAttributes:
@@ -68,7 +89,7 @@ def _getattr_unlinked(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
     fd = ovl.open_fd(node)
     if fd < 0:
         raise pyfuse3.FUSEError(errno.ENOENT)
-    attr = entry_attributes(ovl, node, os.fstat(fd))
+    attr = entry_attributes(ovl, node, os.fstat(fd), fd)
     attr.st_nlink = 0
     return attr
 
@@ -89,10 +110,39 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
         fd = ovl.inofiles.upper_fd(node)  # a nameless file: only its pinned fd reaches it
     if fd < 0:
         copy_up(ovl, node)
-        _setattr_path(ovl, node, attr, fields, chown)
+    set_mode = fields.update_mode
+    if ovl.overrides.active and override.applies(node.kind) and (set_mode or chown is not None):
+        _set_override(ovl, fd, node, attr, fields, chown)
+        set_mode, chown = False, None
+    if fd < 0:
+        _setattr_path(ovl, node, attr, fields, set_mode, chown)
     else:
-        _setattr_fd(ovl, fd, node, attr, fields, chown)
+        _setattr_fd(ovl, fd, node, attr, fields, set_mode, chown)
     return getattr_node(ovl, node)
+
+
+def _set_override(ovl: Overlay, fd: int, node: Node, attr: pyfuse3.EntryAttributes,
+                  fields: pyfuse3.SetattrFields, chown: tuple[int, int] | None) -> None:
+    """chmod and chown with ``xattr_permissions``: the upper entry's override xattr changes,
+    the backing file keeps the daemon's owner and mode (fuse-overlayfs' do_chmod/do_chown)."""
+    if fd >= 0:
+        target, follow = fd, True
+    elif node.ino == ROOT:
+        target, follow = fmt.proc_path(ovl.upper.root_fd, b""), True
+    else:
+        dirfd, name = ovl.location(node)
+        target, follow = fmt.proc_path(dirfd, name), False
+    current = ovl.overrides.read(0, target, follow)
+    if current is None:
+        st = os.stat(target, follow_symlinks=follow)
+        current = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    uid, gid, mode = current
+    if chown is not None:
+        uid = uid if chown[0] == -1 else chown[0]
+        gid = gid if chown[1] == -1 else chown[1]
+    if fields.update_mode:
+        mode = stat.S_IMODE(attr.st_mode)
+    ovl.overrides.write(target, follow, uid, gid, mode)
 
 
 def disk_owner(ovl: Overlay, attr: pyfuse3.EntryAttributes,
@@ -124,10 +174,11 @@ def _chown(ovl: Overlay, change, *args, **kwargs) -> None:
 
 
 def _setattr_fd(ovl: Overlay, fd: int, node: Node, attr: pyfuse3.EntryAttributes,
-                fields: pyfuse3.SetattrFields, chown: tuple[int, int] | None) -> None:
+                fields: pyfuse3.SetattrFields, set_mode: bool,
+                chown: tuple[int, int] | None) -> None:
     if fields.update_size:
         os.ftruncate(fd, attr.st_size)
-    if fields.update_mode:
+    if set_mode:
         os.fchmod(fd, stat.S_IMODE(attr.st_mode))
     if chown is not None:
         _chown(ovl, os.fchown, fd, *chown)
@@ -138,7 +189,8 @@ def _setattr_fd(ovl: Overlay, fd: int, node: Node, attr: pyfuse3.EntryAttributes
 
 
 def _setattr_path(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
-                  fields: pyfuse3.SetattrFields, chown: tuple[int, int] | None) -> None:
+                  fields: pyfuse3.SetattrFields, set_mode: bool,
+                  chown: tuple[int, int] | None) -> None:
     if node.ino == ROOT:
         # the upper root itself: reach it through its held fd (a directory, never a symlink)
         dirfd, name, follow = None, b"/proc/self/fd/%d" % ovl.upper.root_fd, True
@@ -151,7 +203,7 @@ def _setattr_path(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
             os.ftruncate(wfd, attr.st_size)
         finally:
             os.close(wfd)
-    if fields.update_mode:
+    if set_mode:
         if node.kind == stat.S_IFLNK:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         os.chmod(name, stat.S_IMODE(attr.st_mode), dir_fd=dirfd)

@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from .. import format as fmt
-from . import index, origin
+from . import index, origin, override
 from .inodes import Node
 from .overlay import Overlay
 
@@ -110,7 +110,8 @@ class _CopyJob:
 
     def finish(self) -> None:
         ovl, node, st, work = self.ovl, self.node, self.st, self.ovl.work_fd
-        copy_metadata(ovl, self.src_dir, self.src_name, work, self.tmp, st, node.ino)
+        copy_metadata(ovl, self.src_dir, self.src_name, work, self.tmp, st, node.ino,
+                      node.lower[0][0])
         fh = ovl.origin_of(node.lower[0][0], self.src_dir, self.src_name)
         if fh is not None:
             _set_private(ovl, work, self.tmp, b"origin", fh)
@@ -208,16 +209,30 @@ def copy_data(src: int, dst: int, size: int) -> None:
 
 
 def copy_metadata(ovl: Overlay, src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes,
-                  st: os.stat_result, ino: int) -> None:
-    """Owner, xattrs, the saved inode number, mode, then times (last: the others touch ctime)."""
+                  st: os.stat_result, ino: int, layer: int) -> None:
+    """Owner, xattrs, the saved inode number, mode, then times (last: the others touch ctime).
+
+    With ``xattr_permissions`` (override.py) a file's or directory's owner and mode, real or
+    from its layer's override, go into the upper's override xattr instead."""
     dst_path = fmt.proc_path(dst_dir, dst_name)
-    try:
-        os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
-    except PermissionError:
-        pass  # an unprivileged daemon owns what it creates, as fuse-overlayfs does
-    copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path, ovl.prefix)
+    overrides = ovl.overrides
+    shown = None
+    if overrides.active and override.applies(st.st_mode):
+        src_path = fmt.proc_path(src_dir, src_name)
+        shown = overrides.read(layer, src_path, False) or \
+            (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    else:
+        try:
+            os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+        except PermissionError:
+            pass  # an unprivileged daemon owns what it creates, as fuse-overlayfs does
+    copy_xattrs(fmt.proc_path(src_dir, src_name), dst_path, ovl.prefix,
+                skip=override.NAMES if overrides.active else ())
     _set_private(ovl, dst_dir, dst_name, fmt.INO_XATTR, b"%d" % ino)
-    if not stat.S_ISLNK(st.st_mode):
+    if shown is not None:
+        overrides.write(dst_path, False, *shown)
+        os.chmod(dst_name, overrides.backing_mode(shown[2]), dir_fd=dst_dir)
+    elif not stat.S_ISLNK(st.st_mode):
         os.chmod(dst_name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
     os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
@@ -237,7 +252,8 @@ def mark_impure(ovl: Overlay, udir: int) -> None:
         _set_private(ovl, udir, b"", b"impure", b"y")
 
 
-def copy_xattrs(src_path: bytes, dst_path: bytes, prefix: bytes) -> None:
+def copy_xattrs(src_path: bytes, dst_path: bytes, prefix: bytes,
+                skip: tuple[bytes, ...] = ()) -> None:
     try:
         names = os.listxattr(src_path, follow_symlinks=False)
     except OSError as e:
@@ -246,7 +262,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes, prefix: bytes) -> None:
         raise
     for attr in names:
         battr = attr.encode() if isinstance(attr, str) else attr
-        if fmt.is_private_xattr(battr, prefix):
+        if fmt.is_private_xattr(battr, prefix) or battr in skip:
             continue
         try:
             value = os.getxattr(src_path, battr, follow_symlinks=False)

@@ -16,7 +16,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
-from . import index
+from . import index, override
 from .copy_up import (copy_up, copy_up_name, copy_up_to_index, ensure_upper_dir, mark_impure,
                       temp_name)
 from .inodes import Node
@@ -49,7 +49,7 @@ class Caller:
         """The caller of a request.  One whose ID no range maps (the host's root preparing a
         container's tree: podman makes /etc/mtab so) creates entries owned by the overflow
         ID on disk, as fuse-overlayfs does: refusing would break the container engines."""
-        if not ovl.config.as_root:
+        if not ovl.config.as_root and not ovl.overrides.active:
             return cls(uid, gid)  # new entries belong to the daemon's user anyway
         owners = ovl.config.owners
         disk_uid, disk_gid = owners.disk_uid(uid), owners.disk_gid(gid)
@@ -58,12 +58,38 @@ class Caller:
 
 
 def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> None:
+    if ovl.overrides.active and _own_override(ovl, dirfd, name, parent_fd, caller):
+        return
     if not ovl.config.as_root:
         return
     gid = caller.gid
     if os.fstat(parent_fd).st_mode & stat.S_ISGID:
         gid = -1  # the backing filesystem already gave it the directory's group
     os.chown(name, caller.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def _own_override(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> bool:
+    """With ``xattr_permissions``, a new file or directory stays the daemon's on disk, mode
+    ``| 0755``; its owner and mode go in the override xattr (override.py).  False for what
+    carries no override (symlinks, devices, fifos): those are owned as without the option."""
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not override.applies(st.st_mode):
+        return False
+    gid, mode = caller.gid, stat.S_IMODE(st.st_mode)
+    parent = ovl.overrides.read(0, fmt.proc_path(parent_fd, b""), True)
+    if parent is not None and parent[2] & stat.S_ISGID:
+        gid = parent[1]  # a setgid directory's group, as the kernel gives it
+        if stat.S_ISDIR(st.st_mode):
+            mode |= stat.S_ISGID
+    path = fmt.proc_path(dirfd, name)
+    ovl.overrides.write(path, False, caller.uid, gid, mode)
+    os.chmod(name, override.Overrides.backing_mode(mode), dir_fd=dirfd)
+    return True
+
+
+def backing_mode(ovl: Overlay, mode: int) -> int:
+    """The mode a new entry gets on disk."""
+    return override.Overrides.backing_mode(mode) if ovl.overrides.active else stat.S_IMODE(mode)
 
 
 def lower_positive(ovl: Overlay, parent: Node, name: bytes) -> bool:
@@ -151,7 +177,7 @@ def mkdir(ovl: Overlay, parent: Node, name: bytes, mode: int, caller: Caller) ->
         _own(ovl, ovl.work_fd, tmp, udir, caller)
         # the lower dir of that name must not show through the new one
         fmt.set_overlay_xattr(ovl.work_fd, tmp, ovl.prefix, b"opaque", b"y")
-        os.chmod(tmp, stat.S_IMODE(mode), dir_fd=ovl.work_fd)
+        os.chmod(tmp, backing_mode(ovl, mode), dir_fd=ovl.work_fd)
         _install(ovl, udir, name, tmp, True)
     except BaseException:
         _rmtree_at(ovl.work_fd, tmp)

@@ -17,6 +17,7 @@ from . import origin
 from .record import UpperRecord
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
+from .override import Overrides
 
 WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
 INDEX_SUBDIR = b"index"        # hard-link index, where and as the kernel keeps it
@@ -35,6 +36,7 @@ class Config:
     xattrs: bool = True  # noxattrs=1: the mount has no xattrs (fuse-overlayfs' option)
     acl: bool = True  # noacl: POSIX ACLs not enforced on a root mount (fuse-overlayfs' option)
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
+    xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
@@ -43,7 +45,8 @@ class Config:
         config = cls(as_root=as_root, owners=owners_from_options(opts),
                      static_nlink="static_nlink" in opts,
                      xattrs=int(opts.get("noxattrs") or 0) == 0,
-                     acl="noacl" not in opts, zero_opens="zero_opens" in opts)
+                     acl="noacl" not in opts, zero_opens="zero_opens" in opts,
+                     xattr_permissions=int(opts.get("xattr_permissions") or 0))
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config
@@ -60,6 +63,7 @@ class Overlay:
         self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
         self.dirfds = DirFds(self.layers)
         self.prefix = fmt.default_prefix(userxattr=spec.userxattr)
+        self.overrides = Overrides(self.layers, self.upper is not None, config.xattr_permissions)
         devs: list[int] = []
         for layer in self.layers:
             if layer.dev not in devs:

@@ -61,8 +61,17 @@ def _no_attr(e: OSError) -> None:
     raise e
 
 
+def _refuse_override(ovl: Overlay, name: bytes) -> None:
+    """An override xattr (``xattr_permissions``, override.py) is changed by chown and chmod
+    only: EPERM, fuse-overlayfs' answer for its own names."""
+    if ovl.overrides.hidden(name):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+
 def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
     _require_xattrs(ovl)
+    if ovl.overrides.hidden(name):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     path, follow = _target(ovl, node)
     try:
         return os.getxattr(path, _real_name(ovl, name), follow_symlinks=follow)
@@ -74,11 +83,12 @@ def listxattr(ovl: Overlay, node: Node) -> list[bytes]:
     _require_xattrs(ovl)
     path, follow = _target(ovl, node)
     shown = (_shown_name(ovl, os.fsencode(x)) for x in os.listxattr(path, follow_symlinks=follow))
-    return [name for name in shown if name is not None]
+    return [name for name in shown if name is not None and not ovl.overrides.hidden(name)]
 
 
 def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
     _require_xattrs(ovl)
+    _refuse_override(ovl, name)
     ovl.require_writable()
     copy_up(ovl, node)
     ovl.changed(node)
@@ -88,6 +98,7 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
 
 def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
     _require_xattrs(ovl)
+    _refuse_override(ovl, name)
     ovl.require_writable()
     getxattr(ovl, node, name)  # as the kernel: a missing name fails before any copy-up
     copy_up(ovl, node)
