@@ -247,6 +247,9 @@ def test_xattr_permissions_through_each_form(owned, form: str, level: str) -> No
         disk = os.lstat(owned.upper / "root")
         assert (disk.st_uid, disk.st_gid, stat.S_IMODE(disk.st_mode)) == (0, 0, 0o755)
         assert os.getxattr(owned.upper / "root", name) == b"5:6:640"  # on-disk IDs
+        os.chmod(mnt / "one", 0o4755)  # shown setuid; never a real setuid file of root's
+        assert stat.S_IMODE(os.lstat(mnt / "one").st_mode) == 0o4755
+        assert stat.S_IMODE(os.lstat(owned.upper / "one").st_mode) == 0o755
         assert name not in os.listxattr(mnt / "root")
         with pytest.raises(OSError) as e:
             os.getxattr(mnt / "root", name)

@@ -109,9 +109,15 @@ class InodeFiles:
                      dir_fd=self.ovl.work_fd)
         try:
             copy_data(entry.fd, fd, st.st_size)
-            if self.ovl.config.as_root:
-                os.fchown(fd, st.st_uid, st.st_gid)
-            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            overrides = self.ovl.overrides
+            kept = overrides.read_any(entry.fd) if overrides.active else None
+            if kept is not None:  # xattr_permissions: the owner and mode it showed go along
+                overrides.write(fd, True, *kept)
+                os.fchmod(fd, overrides.backing_mode(kept[2]))
+            else:
+                if self.ovl.config.as_root:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
         except BaseException:
             os.close(fd)
             raise

@@ -3,7 +3,8 @@
 A rootless user cannot chown files to other IDs; fuse-overlayfs then stores each file's
 shown owner and mode in an xattr, ``uid:gid:mode`` (decimal IDs, octal mode), and leaves the
 backing file owned by the daemon's user with mode ``| 0755`` (so the daemon can always read
-and traverse what it stores).  The facts, from fuse-overlayfs 1.10 (Debian's) and later:
+and traverse what it stores; here without setuid/setgid/sticky bits, see ``backing_mode``).
+The facts, from fuse-overlayfs 1.10 (Debian's) and later:
 
 - names: ``security.fuseoverlayfs.override_stat`` (=1, needs privilege to write),
   ``user.fuseoverlayfs.override_stat`` (=2), and ``user.containers.override_stat``, which
@@ -20,6 +21,8 @@ top of them exactly as they apply to real owners (fuse-overlayfs' order too).
 
 Unlike fuse-overlayfs, lower layers' override xattrs are honoured only when the option is
 given: a root mount must not show a file as setuid root because a user wrote an xattr.
+containers/storage gives the option itself (``xattr_permissions=2`` with ``force_mask``) when
+it mounts the layers it wrote so.
 """
 from __future__ import annotations
 
@@ -51,9 +54,11 @@ def parse(value: bytes) -> tuple[int, int, int] | None:
         uid, gid, mode = int(fields[0]), int(fields[1]), int(fields[2], 8)
     except ValueError:
         return None
-    if uid < 0 or gid < 0 or mode < 0:
+    if not all(-(1 << 31) <= n < 1 << 32 for n in (uid, gid)) or mode < 0:
         return None
-    return uid, gid, stat.S_IMODE(mode)
+    # fuse-overlayfs 1.10 stores the -1 of a chown that keeps an ID; it reads it back (%d
+    # into a uid_t) as 4294967295, which the kernel shows as the overflow ID: so do we
+    return uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, stat.S_IMODE(mode)
 
 
 def encode(uid: int, gid: int, mode: int) -> bytes:
@@ -152,4 +157,6 @@ class Overrides:
 
     @staticmethod
     def backing_mode(mode: int) -> int:
-        return stat.S_IMODE(mode) | BACKING_BITS
+        """The mode on disk: never setuid, setgid or sticky (the backing file is the daemon's,
+        root's on a root mount: a setuid bit there would be a real one on the upper fs)."""
+        return (mode & 0o777) | BACKING_BITS

@@ -4,6 +4,9 @@ As the kernel (>= 6.7) does: names in the overlay's namespace (``trusted.overlay
 ``user.overlay.*`` otherwise) are the overlay's bookkeeping and read as absent, but a caller
 may still set such a name: it is stored escaped as ``<prefix>overlay.<rest>`` (which is how a
 nested overlay keeps its markers) and shown back under the name the caller used.
+
+With ``xattr_permissions`` the override xattrs (override.py) are the overlay's too: absent to
+readers, EPERM to writers (fuse-overlayfs' answer), changed by chown and chmod only.
 """
 from __future__ import annotations
 
