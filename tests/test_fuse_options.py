@@ -20,6 +20,7 @@ import pytest
 
 from mounts import REPO, esc, force_unmount, is_mounted, make_layers, overlayfuse_pids
 from overlayfuse.errors import OverlayfuseError
+from overlayfuse.fusefs import override
 from overlayfuse.fusefs.overlay import Config
 from overlayfuse.idmap import IdMap, Owners, owners_from_options
 from overlayfuse.spec import OverlaySpec, parse_options
@@ -89,6 +90,20 @@ def test_which_options_only_fuse_can_honour(item: str, needs_fuse: bool) -> None
     assert parse_options(spec.to_options(), cwd="/")[0] == spec
 
 
+@pytest.mark.parametrize("value, parsed", [
+    (b"0:0:40755", (0, 0, 0o755)),              # 1.10 writes the file type bits too
+    (b"1000:1000:100644", (1000, 1000, 0o644)),
+    (b"5:6:4750", (5, 6, 0o4750)),
+    (b"1:2:644:file", (1, 2, 0o644)),           # 1.15's form: the type is not used
+    (b"-1:9:755", (4294967295, 9, 0o755)),      # 1.10's "unchanged", read as it reads it
+    (b"1:2", None), (b"a:b:644", None), (b"1:2:9", None), (b"1:2:", None),
+])
+def test_override_values(value: bytes, parsed: tuple[int, int, int] | None) -> None:
+    assert override.parse(value) == parsed
+    if parsed is not None and parsed[0] < 1 << 31:
+        assert override.parse(override.encode(*parsed)) == parsed
+
+
 def test_daemon_config_from_the_options() -> None:
     spec, _ = parse_options("lowerdir=/a,timeout=2.5,static_nlink,squash_to_uid=9", cwd="/")
     config = Config.for_spec(spec, as_root=True)
@@ -96,6 +111,9 @@ def test_daemon_config_from_the_options() -> None:
     assert config.static_nlink and config.owners.shown(1, 2) == (9, 2)
     default = Config.for_spec(OverlaySpec(("/a",)), as_root=False)
     assert default.owners.identity and not default.static_nlink
+    assert default.xattr_permissions == 0
+    spec, _ = parse_options("lowerdir=/a,xattr_permissions=2", cwd="/")
+    assert Config.for_spec(spec, as_root=False).xattr_permissions == 2
 
 
 # -- through the command line, with real mounts -----------------------------------------------

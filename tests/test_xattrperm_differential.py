@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 
-from mounts import PRIVATE_XATTR_PREFIXES, fuse_overlayfs_mount, make_layers, \
+from mounts import PRIVATE_XATTR_PREFIXES, fuse_overlayfs_mount, make_layers, mounts_under, \
     overlayfuse_mount, tree_snapshot
 from test_idmap_differential import as_ids
 
@@ -361,3 +361,23 @@ def test_xattr_permissions_with_mapping_and_squash(open_tmp: Path, extra: tuple[
         assert got["owner of pub/x"] == "(0, 0)"
     else:
         assert got["stat one after"] == "(7, 100006, '0o640')"
+
+
+def test_unprivileged_xattr_permissions_1_is_refused(unprivileged) -> None:  # noqa: ANN001
+    """=1 needs privilege (a ``security.*`` xattr): a normal user's mount fails at once, with
+    a one-line error, as fuse-overlayfs' does ("write xattr ... to upperdir")."""
+    u = unprivileged
+    lay = u.make_layers(n_lowers=1, name="one")
+    opts = (f"lowerdir={lay.lowers[0]},upperdir={lay.upper},workdir={lay.work},"
+            "xattr_permissions=1")
+    theirs = u.run_as_user(["fuse-overlayfs", "-o", opts, str(lay.mnt)], capture_output=True,
+                           text=True, timeout=60)
+    assert theirs.returncode != 0 and NAME[1] in theirs.stderr
+    ours = u.run_as_user([u.python, "-m", "overlayfuse", "mount", "--backend", "fuse", "-o",
+                          opts, str(lay.mnt)], capture_output=True, text=True, timeout=60)
+    assert ours.returncode != 0 and "Traceback" not in ours.stderr
+    assert ours.stderr.splitlines() == [
+        f"overlayfuse: xattr_permissions=1: cannot write {NAME[1]} on {lay.upper}: "
+        "Operation not permitted"], ours.stderr
+    assert not mounts_under(lay.root)
+    assert NAME[1] not in os.listxattr(lay.upper)

@@ -47,18 +47,21 @@ BACKING_BITS = 0o755  # added to the backing file's mode: the daemon must reach 
 
 def parse(value: bytes) -> tuple[int, int, int] | None:
     """(uid, gid, permission bits) of an override value, None when it is not one."""
-    fields = value.rstrip(b"\0").split(b":")
-    if len(fields) not in (3, 4):
+    fields = value.rstrip(b"\0").split(b":", 3)
+    if len(fields) < 3:
         return None
     try:
         uid, gid, mode = int(fields[0]), int(fields[1]), int(fields[2], 8)
     except ValueError:
         return None
-    if not all(-(1 << 31) <= n < 1 << 32 for n in (uid, gid)) or mode < 0:
+    if not (_MIN_ID <= uid < _ID_LIMIT and _MIN_ID <= gid < _ID_LIMIT) or mode < 0:
         return None
     # fuse-overlayfs 1.10 stores the -1 of a chown that keeps an ID; it reads it back (%d
     # into a uid_t) as 4294967295, which the kernel shows as the overflow ID: so do we
-    return uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, stat.S_IMODE(mode)
+    return uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, mode & 0o7777
+
+
+_MIN_ID, _ID_LIMIT = -(1 << 31), 1 << 32
 
 
 def encode(uid: int, gid: int, mode: int) -> bytes:
