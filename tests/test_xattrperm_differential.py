@@ -381,3 +381,21 @@ def test_unprivileged_xattr_permissions_1_is_refused(unprivileged) -> None:  # n
         "Operation not permitted"], ours.stderr
     assert not mounts_under(lay.root)
     assert NAME[1] not in os.listxattr(lay.upper)
+
+
+def test_an_upper_of_a_later_fuse_overlayfs_keeps_its_name(open_tmp: Path) -> None:
+    """From 1.14, =2 writes ``user.containers.override_stat`` in the upper (and marks its root
+    so): such an upper is read, and written on, with that name; a fresh one gets 1.10's."""
+    lay = make_layers(open_tmp / "later", n_lowers=1)
+    (lay.upper / "f").write_text("f")
+    os.setxattr(lay.upper, CONTAINERS, b"0:0:755")
+    os.setxattr(lay.upper / "f", CONTAINERS, b"5:6:600")
+    with overlayfuse_mount(lay.lowers, lay.upper, lay.work, lay.mnt,
+                           extra=("xattr_permissions=2",)):
+        assert shown(lay.mnt / "f") == (5, 6, "0o600")
+        os.chown(lay.mnt / "f", 7, -1)
+        touch(lay.mnt / "g")
+        assert shown(lay.mnt / "f") == (7, 6, "0o600")
+    assert os.getxattr(lay.upper / "f", CONTAINERS) == b"7:6:600"
+    assert os.getxattr(lay.upper / "g", CONTAINERS) == b"0:0:644"
+    assert NAME[2] not in os.listxattr(lay.upper) + os.listxattr(lay.upper / "g")

@@ -10,7 +10,9 @@ The facts, from fuse-overlayfs 1.10 (Debian's) and later:
   ``user.fuseoverlayfs.override_stat`` (=2), and ``user.containers.override_stat``, which
   containers/storage writes on the layers it unpacks;
 - each layer says on its root which one it uses, tried in that order; the upper layer uses
-  the option's name, written on its root at mount when missing;
+  the option's name, written on its root at mount when missing (1.10's rule; from 1.14 =2
+  writes ``user.containers.override_stat`` instead, so an upper whose root has only that
+  name keeps it);
 - only directories and regular files are overridden; symlinks, devices, fifos and sockets
   show their real owner and mode (in 1.10 and 1.16 alike);
 - a later version's value may carry a fourth field (the file type, ``...:file``): read, and
@@ -90,21 +92,21 @@ class Overrides:
     def __init__(self, layers: list[Layer], has_upper: bool, level: int) -> None:
         self.level = level
         self.names: list[bytes | None] = [None] * len(layers)
+        self.upper_name = BY_LEVEL.get(level, USER)
         if not level:
             return
         for layer in layers:
             self.names[layer.index] = _root_name(layer.root_fd)
         if has_upper:
-            self.names[0] = BY_LEVEL[level]
+            if level == 2 and self.names[0] == CONTAINERS:
+                # an upper fuse-overlayfs >= 1.14 wrote (=2 uses this name there): keep it
+                self.upper_name = CONTAINERS
+            self.names[0] = self.upper_name
             self._mark_upper(layers[0])
 
     @property
     def active(self) -> bool:
         return self.level != 0
-
-    @property
-    def upper_name(self) -> bytes:
-        return BY_LEVEL[self.level]
 
     def _mark_upper(self, upper: Layer) -> None:
         """Record the upper's own owner and mode on its root, as fuse-overlayfs does: that is
