@@ -234,3 +234,30 @@ def test_sigkill_during_copy_up_leaves_old_or_new_state(layers: Layers) -> None:
         with kernel_overlay(layers.lowers, layers.upper, work2, layers.mnt):
             assert os.stat(layers.mnt / "big").st_size == BIG_MIB * MIB
             assert sorted(os.listdir(layers.mnt)) == ["big", "hello"]
+
+
+TIED_MOUNT = """
+import os, signal, sys
+from overlayfuse.fusefs.daemon import mount_fuse
+from overlayfuse.spec import OverlaySpec
+lower, upper, work, mnt = sys.argv[1:]
+pid = mount_fuse(OverlaySpec(lowerdirs=(lower,), upperdir=upper, workdir=work), mnt,
+                 with_caller=True)
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as a prober killed in the middle of its trial
+"""
+
+
+def test_mount_tied_to_its_caller_goes_when_the_caller_is_killed(layers: Layers) -> None:
+    """A trial mount (probe) must not outlive the process that made it, however it ends."""
+    (layers.lowers[0] / "hello").write_bytes(b"hello\n")
+    with cleanup(layers.mnt):
+        r = subprocess.run([sys.executable, "-c", TIED_MOUNT, str(layers.lowers[0]),
+                            str(layers.upper), str(layers.work), str(layers.mnt)],
+                           capture_output=True, text=True, timeout=TIMEOUT, cwd=str(REPO),
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        daemon = int(r.stdout.split()[0])
+        assert wait_gone(daemon, 10), "the daemon outlived the process its mount belongs to"
+        assert not is_mounted(layers.mnt)
+        assert (layers.lowers[0] / "hello").read_bytes() == b"hello\n"

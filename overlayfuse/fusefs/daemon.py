@@ -29,28 +29,34 @@ _READY = b"OK"
 
 
 def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
-               fuse_options: Sequence[str] = (), debug: bool = False) -> int:
+               fuse_options: Sequence[str] = (), debug: bool = False,
+               with_caller: bool = False) -> int:
     """Mount ``spec`` at ``mountpoint`` with the FUSE backend.
 
     Foreground: serve until unmounted and return 0.  Background: return the daemon's PID once
     the mount is ready; raise OverlayfuseError if it could not be mounted.  The spec is
     first adapted to the layers (survey.adapt: userxattr for a user's layers mounted by root).
+    ``with_caller``: the mount goes when this process ends, however it ends (a trial mount
+    whose prober is SIGKILLed must not stay behind).
     """
     spec = adapt(spec, "fuse")
     if foreground:
         serve(spec, mountpoint, fuse_options, debug, ready_fd=None)
         return 0
     read_end, write_end = os.pipe()
+    caller = os.getpid()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked process
         os.close(read_end)
         try:
+            # the caller waits for this child, so it is alive here: its pidfd cannot miss it
+            caller_fd = os.pidfd_open(caller) if with_caller else None
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
             os.write(write_end, b"%d\n" % os.getpid())
             _detach(debug)
-            serve(spec, mountpoint, fuse_options, debug, ready_fd=write_end)
+            serve(spec, mountpoint, fuse_options, debug, ready_fd=write_end, caller_fd=caller_fd)
             os._exit(0)
         except BaseException as e:  # noqa: BLE001 - everything must reach the parent
             _report(write_end, e)
@@ -113,8 +119,9 @@ def raise_readahead(target: str) -> None:
 
 
 def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug: bool,
-          ready_fd: int | None) -> None:
-    """Mount and run the request loop in this process until unmounted or signalled."""
+          ready_fd: int | None, caller_fd: int | None = None) -> None:
+    """Mount and run the request loop in this process until unmounted or signalled, or until
+    the process behind the pidfd ``caller_fd`` ends."""
     os.umask(0)  # the kernel already applied the caller's umask
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -133,17 +140,25 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         if ready_fd is not None:
             os.write(ready_fd, _READY)
             os.close(ready_fd)
-        trio.run(_main)
+        trio.run(_main, caller_fd)
     finally:
         pyfuse3.close(unmount=True)
         ovl.close()
 
 
-async def _main() -> None:
+async def _main(caller_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        if caller_fd is not None:
+            nursery.start_soon(_stop_with_caller, caller_fd)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _stop_with_caller(caller_fd: int) -> None:
+    await trio.lowlevel.wait_readable(caller_fd)  # a pidfd turns readable when its process ends
+    log.info("the process this mount belongs to has ended: unmounting")
+    pyfuse3.terminate()
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -193,7 +193,7 @@ def _trial_fuse(scratch: str, lowers: list[str], facts: Facts) -> tuple[bool, st
     pid = None
     try:
         with deferred_signals():
-            pid = mount_fuse(spec, merged)
+            pid = mount_fuse(spec, merged, with_caller=True)
     except OverlayfuseError as e:
         return False, f"the FUSE mount failed: {e}"
     except BaseException:
