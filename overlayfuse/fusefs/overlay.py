@@ -339,6 +339,11 @@ def _prepare_workdir(workdir: str) -> tuple[int, int]:
         for sub in (WORK_SUBDIR, INDEX_SUBDIR):
             try:
                 st = os.stat(sub, dir_fd=root, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode) and sub == INDEX_SUBDIR:
+                    # the kernel keeps an index it finds and refuses one that is no dir
+                    where = os.path.join(workdir, os.fsdecode(sub))
+                    raise OverlayfuseError(f"{where} is not a directory (ENOTDIR, as the "
+                                           f"kernel refuses it): remove it")
                 if not stat.S_ISDIR(st.st_mode):
                     os.unlink(sub, dir_fd=root)  # never follow a planted link: replace it
                     raise FileNotFoundError
