@@ -322,3 +322,87 @@ def test_whiteout_of_the_wrong_device(tmp_path: Path, mode: str) -> None:
                 assert dm.alive() and os.listdir(mnt), "the daemon died"
     assert res["kernel"]["stat f"][0][0] == "c" and res["kernel"]["stat f"][1:] == (1, 3)
     assert res["overlayfuse"] == res["kernel"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a directory with a million entries
+
+MILLION = int(os.environ.get("OVERLAYFUSE_HUGE_DIR", "1000000"))
+RSS_LIMIT_MB = 1536  # the kernel holds a lookup of every entry listed; names and nodes stay
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def _listing_digest(d: Path) -> tuple[int, str]:
+    """How many names and a digest of them all, without holding a million names twice."""
+    names = sorted(os.fsencode(e.name) for e in os.scandir(d))
+    return len(names), hashlib.sha256(b"\0".join(names)).hexdigest()
+
+
+def _huge_ops(m: Path) -> dict[str, Any]:
+    from helpers import outcome
+    huge = m / "huge"
+    return {"list": _listing_digest(huge),
+            "stat middle": outcome(lambda: os.lstat(huge / f"f{MILLION // 2:07d}").st_size),
+            "stat last": outcome(lambda: os.lstat(huge / f"f{MILLION - 1:07d}").st_size),
+            "stat whited out": outcome(os.lstat, huge / "f0000000"),
+            "stat absent": outcome(os.lstat, huge / "nothing"),
+            "read upper": outcome(lambda: (huge / "new").read_bytes()),
+            "create": outcome(lambda: (huge / "made").write_bytes(b"m") and None),
+            "list again": _listing_digest(huge)[0]}
+
+
+@pytest.mark.slow
+def test_directory_with_a_million_entries(tmp_path: Path) -> None:
+    """A lower dir of a million files under an upper dir that whites one out and adds one:
+    listed through the merge and looked up in, the daemon (both modes) gives the kernel's
+    answers in bounded time (each READDIR must not re-read the dir) and bounded memory."""
+    import subprocess
+    import time
+    from mounts import force_unmount
+    fast = tmp_path / "tmpfs"  # a million creates on a loaded disk take many minutes
+    fast.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g,nr_inodes=2500000,mode=0755",
+                    "ovf-huge", str(fast)], check=True)
+    try:
+        lower = fast / "lower"
+        (lower / "huge").mkdir(parents=True)
+        fd = os.open(lower / "huge", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(MILLION):
+                os.close(os.open(f"f{i:07d}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        finally:
+            os.close(fd)
+        results, peaks, times = {}, {}, {}
+        for system, extra in (("kernel", ()), *((f"overlayfuse {m}", e)
+                                                 for m, e in MODES.items())):
+            root = tmp_path / system.replace(" ", "-")
+            for d in ("upper/huge", "work", "mnt"):
+                (root / d).mkdir(parents=True)
+            os.mknod(root / "upper/huge/f0000000", stat.S_IFCHR | 0o600, 0)
+            (root / "upper/huge/new").write_bytes(b"upper\n")
+            t = time.monotonic()
+            if system == "kernel":
+                with kernel_overlay([lower], root / "upper", root / "work", root / "mnt") as m:
+                    results[system] = _huge_ops(m)
+            else:
+                with overlayfuse_mount([lower], root / "upper", root / "work", root / "mnt",
+                                       extra) as dm:
+                    results[system] = _huge_ops(root / "mnt")
+                    peaks[system] = _peak_rss_mb(dm.pid)
+                    assert dm.alive() and os.listdir(root / "mnt"), "the daemon died"
+            times[system] = time.monotonic() - t
+    finally:
+        force_unmount(fast)
+    print(f"million entries: seconds {times}, daemon peak RSS MB {peaks}")
+    assert results["kernel"]["list"][0] == MILLION  # one whited out, one added
+    assert results["kernel"]["list again"] == MILLION + 1
+    for system, peak in peaks.items():
+        assert results[system] == results["kernel"], system
+        assert peak < RSS_LIMIT_MB, f"{system}: peak RSS {peak:.0f} MB"
