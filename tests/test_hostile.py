@@ -6,6 +6,11 @@ than 4095 bytes below the mount point.  Every entry of the merged tree is listed
 read through directory descriptors (the long path is never spelled out) on a kernel overlay
 and on overlayfuse over the same layers: the outcomes must agree, nothing outside the layers
 may show, and the daemon must still serve afterwards.
+
+Then the work dir's hard-link index made hostile (a symlink out or in a loop, garbage entry
+names, entries pointing nowhere, dirs and symlinks where files belong), character devices
+that are not whiteouts (1:3, 5:0, 0:1), and a lower dir of a million entries (slow;
+``OVERLAYFUSE_HUGE_DIR`` sets the count, 200,000 by default and the million in .ci/run).
 """
 from __future__ import annotations
 
@@ -327,7 +332,9 @@ def test_whiteout_of_the_wrong_device(tmp_path: Path, mode: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # a directory with a million entries
 
-MILLION = int(os.environ.get("OVERLAYFUSE_HUGE_DIR", "1000000"))
+# .ci/run lists the issue's million; the default suite 200,000 (still 4x what the daemon's
+# name caches keep, so an oversized dir's paths run: minutes per million on 2 loaded cores)
+MILLION = int(os.environ.get("OVERLAYFUSE_HUGE_DIR", "200000"))
 RSS_LIMIT_MB = 1536  # the kernel holds a lookup of every entry listed; names and nodes stay
 
 
@@ -362,7 +369,7 @@ def _huge_ops(m: Path) -> dict[str, Any]:
 def test_directory_with_a_million_entries(tmp_path: Path) -> None:
     """A lower dir of a million files under an upper dir that whites one out and adds one:
     listed through the merge and looked up in, the daemon (both modes) gives the kernel's
-    answers in bounded time (each READDIR must not re-read the dir) and bounded memory."""
+    answers, without re-reading the dir for each READDIR, in bounded memory."""
     import subprocess
     import time
     from mounts import force_unmount
