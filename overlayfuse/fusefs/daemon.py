@@ -20,7 +20,7 @@ from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
-from . import transport
+from . import index, transport
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -127,6 +127,11 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
     ovl = Overlay(spec, Config.for_spec(spec, as_root=os.geteuid() == 0))
+    try:
+        index.verify(ovl)
+    except (OverlayfuseError, OSError):
+        ovl.close()
+        raise
     zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))

@@ -9,17 +9,30 @@ the upper inode, which counts the index entry and the copied-up names but not th
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
+
+import pyfuse3
 
 from .. import format as fmt
+from ..errors import OverlayfuseError
+from . import origin
 from .inodes import Node
 from .overlay import Overlay
 
 NLINK_XATTR = b"nlink"
+ORIGIN_XATTR = b"origin"
+
+log = logging.getLogger(__name__)
 
 
-def lookup(ovl: Overlay, name: bytes, real: os.stat_result | None = None) -> os.stat_result | None:
-    """The index entry ``name``; with ``real``, only if it is that same file."""
+def lookup(ovl: Overlay, name: bytes, real: os.stat_result | None = None,
+           kind: int | None = None) -> os.stat_result | None:
+    """The index entry ``name``; with ``real``, only if it is that same file.  With ``kind``
+    (the file type of the lower origin), an entry of another type, or a whiteout, is EIO: the
+    kernel's "bad index found"."""
     if ovl.index_fd < 0:
         return None
     try:
@@ -28,7 +41,69 @@ def lookup(ovl: Overlay, name: bytes, real: os.stat_result | None = None) -> os.
         return None
     if real is not None and (st.st_ino, st.st_dev) != (real.st_ino, real.st_dev):
         return None
+    if kind is not None and (stat.S_IFMT(st.st_mode) != kind or fmt.is_whiteout_stat(st)):
+        log.warning("bad index entry index/%r: type %o, its origin's %o", name,
+                    stat.S_IFMT(st.st_mode), kind)
+        raise pyfuse3.FUSEError(errno.EIO)
     return st
+
+
+def verify(ovl: Overlay) -> None:
+    """Check every index entry at mount, as the kernel's overlayfs does with ``index=on``.
+
+    Leftover temp names (``#...``) are removed; a name that is no file handle (EINVAL) or a
+    file without an origin (ENODATA) refuses the mount as the kernel does, since serving
+    such an index could show anyone's file under a lower name; a file whose origin is not
+    its name is stale and removed, as the kernel removes it.  Directories (the kernel's
+    nfs_export index) and whiteouts are kept unread.  Only the kernel's own namespace
+    (trusted.*) is judged by origin: an unprivileged daemon cannot read the kernel's."""
+    fd = ovl.index_fd
+    if fd < 0:
+        return
+    judge_origin = ovl.prefix == fmt.default_prefix(userxattr=False) and os.geteuid() == 0
+    for name in [os.fsencode(n) for n in os.listdir(fd)]:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if name.startswith(b"#"):
+            _remove(fd, name, st)
+            continue
+        handle = _handle(name)
+        where = os.path.join(ovl.spec.workdir or "", "index", os.fsdecode(name))
+        if handle is None:
+            raise OverlayfuseError(f"invalid index entry {where} (EINVAL, as the kernel "
+                                   f"refuses it): remove it or the index dir")
+        if stat.S_ISDIR(st.st_mode) or fmt.is_whiteout_stat(st) or not judge_origin:
+            continue
+        value = fmt.get_overlay_xattr(fd, name, ORIGIN_XATTR, ovl.prefix)
+        if value is None:
+            raise OverlayfuseError(f"index entry {where} has no origin (ENODATA, as the "
+                                   f"kernel refuses it): remove it or the index dir")
+        if value != handle:
+            log.warning("stale index entry %s (its origin is another file): removed", where)
+            os.unlink(name, dir_fd=fd)
+
+
+def _handle(name: bytes) -> bytes | None:
+    """The origin a well-formed index name stands for, else None."""
+    try:
+        value = bytes.fromhex(name.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if origin.decode(value) is not None else None
+
+
+def _remove(dirfd: int, name: bytes, st: os.stat_result) -> None:
+    """A leftover of an interrupted index change: gone, never followed."""
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  dir_fd=dirfd)
+    try:
+        for child in [os.fsencode(n) for n in os.listdir(sub)]:
+            _remove(sub, child, os.stat(child, dir_fd=sub, follow_symlinks=False))
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dirfd)
 
 
 def add(ovl: Overlay, work_name: bytes, node: Node, index_name: bytes) -> None:

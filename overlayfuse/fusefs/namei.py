@@ -193,7 +193,8 @@ def _lower_nondir(ovl: Overlay, dirfd: int, name: bytes, li: int, where: list,
     if st.st_nlink > 1 and ovl.index_fd >= 0:
         # an earlier copy-up of another name of this inode holds the current data
         fh = ovl.origin_of(li, dirfd, name)
-        ist = index.lookup(ovl, origin.index_name(fh)) if fh else None
+        ist = index.lookup(ovl, origin.index_name(fh), kind=stat.S_IFMT(st.st_mode)) \
+            if fh else None
         if ist is not None:
             node.index = origin.index_name(fh)
             return node, ist

@@ -83,11 +83,13 @@ class Overlay:
         self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
         self._lower_names_count = 0
         self._lower_misses: dict[tuple[int, bytes], int] = {}
+        self._lower_too_big: set[tuple[int, bytes]] = set()
         self.lower_pos = {li: pos for pos, li in enumerate(self.lower_indexes)}
         self._first_layer: OrderedDict[int, tuple[list, dict[bytes, int]]] = OrderedDict()
         self._first_layer_count = 0
         self._listings: OrderedDict[int, list[bytes]] = OrderedDict()
         self._listed_names = 0
+        self._big_listings: OrderedDict[int, list[bytes]] = OrderedDict()
         root = Node(ROOT, stat.S_IFDIR)
         root.upper = self.upper is not None
         root.lower = [(i, b"") for i in self.lower_indexes]
@@ -107,21 +109,32 @@ class Overlay:
             if listing:
                 self._drop_listing(node.ino)
 
+    # A directory too big for the budget is still kept while it is being listed: without an
+    # open handle to hold it, every READDIR of a cached-listing mount would read the whole
+    # directory again (quadratic: hours for a million entries).  Only the last few are kept.
+    BIG_LISTINGS = 2
+
     def _drop_listing(self, ino: int) -> None:
+        self._big_listings.pop(ino, None)
         names = self._listings.pop(ino, None)
         if names is not None:
             self._listed_names -= len(names)
 
     def cached_listing(self, node: Node) -> list[bytes] | None:
-        names = self._listings.get(node.ino)
-        if names is not None:
-            self._listings.move_to_end(node.ino)
-        return names
+        for cache in (self._listings, self._big_listings):
+            names = cache.get(node.ino)
+            if names is not None:
+                cache.move_to_end(node.ino)
+                return names
+        return None
 
     def cache_listing(self, node: Node, names: list[bytes]) -> None:
-        if len(names) > self.LISTING_BUDGET // 4:
-            return
         self._drop_listing(node.ino)
+        if len(names) > self.LISTING_BUDGET // 4:
+            self._big_listings[node.ino] = names
+            while len(self._big_listings) > self.BIG_LISTINGS:
+                self._big_listings.popitem(last=False)
+            return
         self._listings[node.ino] = names
         self._listed_names += len(names)
         while self._listed_names > self.LISTING_BUDGET:
@@ -141,6 +154,8 @@ class Overlay:
         if names is not None:
             self._lower_names.move_to_end(key)
             return names
+        if key in self._lower_too_big:
+            return None  # never kept: reading it again for every few lookups is quadratic
         misses = self._lower_misses.get(key, 0) + 1
         self._lower_misses[key] = misses
         if misses < self.LOWER_NAMES_AFTER_MISSES:
@@ -151,17 +166,33 @@ class Overlay:
                                  os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             return None
+        limit = self.LOWER_NAMES_BUDGET // 4
+        found: list[bytes] = []
         try:
-            names = frozenset(os.fsencode(n) for n in os.listdir(fd))
+            with os.scandir(fd) as it:
+                for entry in it:
+                    found.append(os.fsencode(entry.name))
+                    if len(found) > limit:  # stop early: its names would not be kept
+                        self._too_big(key)
+                        return None
         finally:
             os.close(fd)
+        names = frozenset(found)
         self.remember_lower_names(layer, path, names)
         return names
+
+    def _too_big(self, key: tuple[int, bytes]) -> None:
+        if len(self._lower_too_big) > 65536:
+            self._lower_too_big.clear()
+        self._lower_too_big.add(key)
 
     def remember_lower_names(self, layer: int, path: bytes, names: frozenset[bytes]) -> None:
         """Keep a lower dir's names (readdir has just read them anyway)."""
         key = (layer, path)
-        if key in self._lower_names or len(names) > self.LOWER_NAMES_BUDGET // 4:
+        if key in self._lower_names:
+            return
+        if len(names) > self.LOWER_NAMES_BUDGET // 4:
+            self._too_big(key)
             return
         self._lower_names[key] = names
         self._lower_names_count += len(names)
@@ -312,6 +343,11 @@ def _prepare_workdir(workdir: str) -> tuple[int, int]:
         for sub in (WORK_SUBDIR, INDEX_SUBDIR):
             try:
                 st = os.stat(sub, dir_fd=root, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode) and sub == INDEX_SUBDIR:
+                    # the kernel keeps an index it finds and refuses one that is no dir
+                    where = os.path.join(workdir, os.fsdecode(sub))
+                    raise OverlayfuseError(f"{where} is not a directory (ENOTDIR, as the "
+                                           f"kernel refuses it): remove it")
                 if not stat.S_ISDIR(st.st_mode):
                     os.unlink(sub, dir_fd=root)  # never follow a planted link: replace it
                     raise FileNotFoundError
