@@ -18,6 +18,7 @@ from .record import UpperRecord
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
 
+WRITEBACK_ENV = "OVERLAYFUSE_WRITEBACK"  # "1": the writeback cache on every mount (for tests)
 WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
 INDEX_SUBDIR = b"index"        # hard-link index, where and as the kernel keeps it
 
@@ -35,6 +36,7 @@ class Config:
     xattrs: bool = True  # noxattrs=1: the mount has no xattrs (fuse-overlayfs' option)
     acl: bool = True  # noacl: POSIX ACLs not enforced on a root mount (fuse-overlayfs' option)
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
+    writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
@@ -43,7 +45,9 @@ class Config:
         config = cls(as_root=as_root, owners=owners_from_options(opts),
                      static_nlink="static_nlink" in opts,
                      xattrs=int(opts.get("noxattrs") or 0) == 0,
-                     acl="noacl" not in opts, zero_opens="zero_opens" in opts)
+                     acl="noacl" not in opts, zero_opens="zero_opens" in opts,
+                     writeback=(int(opts.get("writeback") or 0) != 0
+                                or os.environ.get(WRITEBACK_ENV) == "1"))
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config
