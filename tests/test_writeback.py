@@ -66,7 +66,22 @@ def _truncate_and_append(mnt: Path) -> None:
     os.close(fd)
 
 
+def _unlinked_while_open(mnt: Path) -> None:
+    """Written and unlinked while open, and a lower file unlinked under a reader: the times
+    the kernel passes on after the unlink have no name to go to, and the closes must work."""
+    ro = os.open(mnt / "data", os.O_RDONLY)
+    rw = os.open(mnt / "gone", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(rw, b"written")
+    os.unlink(mnt / "data")
+    os.unlink(mnt / "gone")
+    os.pwrite(rw, b"W", 0)
+    assert os.pread(rw, 10, 0) == b"Written" and os.pread(ro, 3, 1) == bytes(range(1, 4))
+    os.close(ro)
+    os.close(rw)
+
+
 SCENARIOS: dict[str, Callable[[Path], None]] = {
+    "unlinked-while-open": _unlinked_while_open,
     "appends": _appends, "write-only-partial-pages": _write_only_partial_pages,
     "mmap": _mmap_then_stat, "truncate-append": _truncate_and_append,
 }
