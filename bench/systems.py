@@ -400,6 +400,18 @@ class OverlayfuseZero(Overlayfuse):
         return {"OVERLAYFUSE_OPENS": "zero"}
 
 
+class OverlayfuseWriteback(Overlayfuse):
+    """overlayfuse with the kernel's writeback cache (``-o writeback=1``): small writes
+    reach the daemon as pages.  Run only when named in --systems."""
+
+    name = "overlayfuse-writeback"
+    default = False
+
+    def environ(self) -> dict[str, str]:
+        return {"OVERLAYFUSE_WRITEBACK": "1"}
+
+
 ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
-                                               OverlayfuseClassic(), OverlayfuseZero(), Raw())}
+                                               OverlayfuseClassic(), OverlayfuseZero(),
+                                               OverlayfuseWriteback(), Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")

@@ -25,6 +25,8 @@ FUSE_ONLY = {"uidmapping": True, "gidmapping": True, "squash_to_root": False,
              "squash_to_uid": True, "squash_to_gid": True, "static_nlink": False,
              "noxattrs": True, "xattr_permissions": True}
 FUSE_TUNING = {"timeout": True, "noacl": False,
+               # writeback=1: the kernel's writeback cache (small writes batched in pages)
+               "writeback": True,
                # overlayfuse's own: zero-message file opens (fusefs/transport.py)
                "zero_opens": False}
 
@@ -33,13 +35,11 @@ IGNORED = {
                 "multi-threaded loop); slow calls already run in worker threads",
     "fast_ino": "inode numbers are always the layers' own, found by the lookup itself: "
                 "there is no slower check to skip",
-    "writeback": "the kernel's writeback cache stays off: it would make the kernel the owner "
-                 "of sizes and times, which copy-up and the upper files must keep",
     "fsync": "fsync always reaches the upper filesystem, as with the kernel's overlayfs; "
              "the volatile option skips it",
 }
 # the default value of an option that only FUSE honours: nothing to do, any backend will do
-DEFAULT_IS_IGNORED = {"noxattrs": "0", "xattr_permissions": "0"}
+DEFAULT_IS_IGNORED = {"noxattrs": "0", "xattr_permissions": "0", "writeback": "0"}
 INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions", "fsync", "noxattrs")
 
 FUSE, IGNORE = "fuse", "ignore"

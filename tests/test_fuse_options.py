@@ -21,7 +21,7 @@ import pytest
 from mounts import REPO, esc, force_unmount, is_mounted, make_layers, overlayfuse_pids
 from overlayfuse.errors import OverlayfuseError
 from overlayfuse.fusefs import override
-from overlayfuse.fusefs.overlay import Config
+from overlayfuse.fusefs.overlay import WRITEBACK_ENV, Config
 from overlayfuse.idmap import IdMap, Owners, owners_from_options
 from overlayfuse.spec import OverlaySpec, parse_options
 
@@ -114,6 +114,15 @@ def test_daemon_config_from_the_options() -> None:
     assert default.xattr_permissions == 0
     spec, _ = parse_options("lowerdir=/a,xattr_permissions=2", cwd="/")
     assert Config.for_spec(spec, as_root=False).xattr_permissions == 2
+
+
+def test_writeback_from_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WRITEBACK_ENV, raising=False)
+    for opts, on in (("", False), (",writeback=0", False), (",writeback=1", True)):
+        spec, _ = parse_options(f"lowerdir=/a{opts}", cwd="/")
+        assert Config.for_spec(spec, as_root=True).writeback == on, opts
+    monkeypatch.setenv(WRITEBACK_ENV, "1")
+    assert Config.for_spec(OverlaySpec(("/a",)), as_root=True).writeback
 
 
 # -- through the command line, with real mounts -----------------------------------------------
@@ -211,10 +220,10 @@ def test_squash_and_static_nlink_through_each_form(owned, form: str) -> None:  #
 def test_ignored_options_are_said_with_verbose(owned) -> None:  # noqa: ANN001
     mnt = owned.mnt
     with cli_mounted(mnt):
-        r = ovf("mount", "-v", "-o", f"{layer_opts(owned)},threaded=1,fast_ino=1,writeback=1,"
+        r = ovf("mount", "-v", "-o", f"{layer_opts(owned)},threaded=1,fast_ino=1,writeback=0,"
                 "noacl,xattr_permissions=0,fsync=0,noxattrs=0", str(mnt))
         assert r.returncode == 0, r.stderr
-        for key in ("threaded=1", "fast_ino=1", "writeback=1", "xattr_permissions=0",
+        for key in ("threaded=1", "fast_ino=1", "writeback=0", "xattr_permissions=0",
                     "fsync=0", "noxattrs=0"):
             assert f"option {key} accepted and ignored: " in r.stderr
         assert (mnt / "root").read_text() == "root"

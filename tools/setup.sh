@@ -73,8 +73,9 @@ fi
 # changed patch is rebuilt and an unchanged one never
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-patch_file=tools/pyfuse3/zero-message-opens.patch
-patched="$PYFUSE3_VERSION+ovf.$(sha256sum "$patch_file" | cut -c1-10)"
+# the patches, applied in this order: zero-message opens, then the request loop's drain
+patch_files=(tools/pyfuse3/zero-message-opens.patch tools/pyfuse3/request-loop-drain.patch)
+patched="$PYFUSE3_VERSION+ovf.$(cat "${patch_files[@]}" | sha256sum | cut -c1-10)"
 
 build_patched_pyfuse3() {
   local d rc=0 sdist
@@ -85,7 +86,7 @@ build_patched_pyfuse3() {
     && echo "$PYFUSE3_SHA256  $sdist" | sha256sum -c --quiet - \
     && tar -xzf "$sdist" -C "$d" \
     && rm -f "$d/pyfuse3-$PYFUSE3_VERSION/src/pyfuse3/__init__.c" \
-    && patch -s -p1 -d "$d/pyfuse3-$PYFUSE3_VERSION" < "$patch_file" \
+    && (for p in "${patch_files[@]}"; do patch -s -p1 -d "$d/pyfuse3-$PYFUSE3_VERSION" < "$p" || exit 1; done) \
     && SETUPTOOLS_SCM_PRETEND_VERSION="$patched" "$venv/bin/python" -m pip install -q \
          --disable-pip-version-check --no-deps --force-reinstall "$d/pyfuse3-$PYFUSE3_VERSION"
   } </dev/null >"$log" 2>&1 || rc=$?
@@ -95,7 +96,7 @@ build_patched_pyfuse3() {
 
 have=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' 2>/dev/null || true)
 if [ "${OVERLAYFUSE_STOCK_PYFUSE3:-0}" != 1 ] && [ "$have" != "$patched" ]; then
-  echo "setup: building pyfuse3 $PYFUSE3_VERSION with $patch_file"
+  echo "setup: building pyfuse3 $PYFUSE3_VERSION with ${patch_files[*]}"
   if ! build_patched_pyfuse3; then
     echo "setup: the patched pyfuse3 could not be built; overlayfuse uses pyfuse3 $have" \
          "as it is (classic opens, slower). The build said:" >&2

@@ -108,6 +108,12 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     fd = upper_handle_fd(ovl, fh) if fh is not None else -1
     if fd < 0 and node.parent is None and ovl.inofiles is not None:
         fd = ovl.inofiles.upper_fd(node)  # a nameless file: only its pinned fd reaches it
+    if (fd < 0 and ovl.config.writeback and node.parent is None and node.ino != ROOT
+            and _times_only(fields)):
+        # the writeback cache's kernel passing on the times it keeps (fuse_flush_times, also
+        # after an unlink or a rename over the file): a file with no name left and no upper
+        # fd has nothing to keep them on, and an error here would come back from a close
+        return getattr_node(ovl, node)
     if fd < 0:
         copy_up(ovl, node)
     set_mode = fields.update_mode
@@ -171,6 +177,11 @@ def _chown(ovl: Overlay, change, *args, **kwargs) -> None:
     except OSError as e:
         if not ovl.config.owners.squashed or e.errno not in (errno.EPERM, errno.EINVAL):
             raise
+
+
+def _times_only(fields: pyfuse3.SetattrFields) -> bool:
+    return not (fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid)
 
 
 def _setattr_fd(ovl: Overlay, fd: int, node: Node, attr: pyfuse3.EntryAttributes,

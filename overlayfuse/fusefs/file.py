@@ -65,9 +65,28 @@ def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
     return pyfuse3.FileInfo(fh=fh, keep_cache=ovl.config.keep_cache)
 
 
+def backing_flags(ovl: Overlay, flags: int) -> int:
+    """The open flags for the backing file.  With the writeback cache the kernel appends
+    itself and writes whole pages, reading the rest of a page first: a write-only open
+    becomes read-write and O_APPEND goes (pwrite on an O_APPEND fd would append again)."""
+    if ovl.config.writeback:
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        flags &= ~os.O_APPEND
+    return flags
+
+
 def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
     dirfd, name = ovl.location(node)
-    flags = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    asked = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = backing_flags(ovl, asked)
+    if flags != asked and asked & os.O_ACCMODE == os.O_WRONLY:
+        try:
+            return os.open(name, flags, dir_fd=dirfd)
+        except PermissionError:
+            # a file its owner may write but not read (mode 0200, a daemon without
+            # CAP_DAC_OVERRIDE): write-only, as asked; only partial-page writes then fail
+            return os.open(name, asked & ~os.O_APPEND, dir_fd=dirfd)
     if not node.upper and node.index is None:
         # as the kernel's overlay: reading a lower file leaves its atime alone (O_NOATIME,
         # which only the file's owner or CAP_FOWNER may ask for)

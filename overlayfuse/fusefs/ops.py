@@ -60,6 +60,8 @@ class OverlayOperations(pyfuse3.Operations):
         self.after_init: Callable[[], None] | None = None
         # zero-message dirs and file opens (transport.py): OPENDIR (OPEN) answered ENOSYS,
         # dirs (files) named by inode in every later request, O_TRUNC sent as a setattr
+        # the kernel's writeback cache (-o writeback=1): pyfuse3 reads this at INIT
+        self.enable_writeback_cache = ovl.config.writeback
         self.zero_dirs = zero_dirs or zero_opens
         self.zero_opens = zero_opens
         if self.zero_dirs:
@@ -179,6 +181,7 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         ovl = self.ovl
+        flags = fileops.backing_flags(ovl, flags)
         node, st, fd = dirops.create(ovl, ovl.table.get(parent_inode), name, mode, flags,
                                      _caller(ovl, ctx))
         if ovl.inofiles is not None:

@@ -19,6 +19,7 @@ from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
 from .override import Overrides
 
+WRITEBACK_ENV = "OVERLAYFUSE_WRITEBACK"  # "1": the writeback cache on every mount (for tests)
 WORK_SUBDIR = b"work"          # temp files of copy-up and atomic creates (as the kernel uses)
 INDEX_SUBDIR = b"index"        # hard-link index, where and as the kernel keeps it
 
@@ -37,6 +38,7 @@ class Config:
     acl: bool = True  # noacl: POSIX ACLs not enforced on a root mount (fuse-overlayfs' option)
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
+    writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
@@ -46,7 +48,9 @@ class Config:
                      static_nlink="static_nlink" in opts,
                      xattrs=int(opts.get("noxattrs") or 0) == 0,
                      acl="noacl" not in opts, zero_opens="zero_opens" in opts,
-                     xattr_permissions=int(opts.get("xattr_permissions") or 0))
+                     xattr_permissions=int(opts.get("xattr_permissions") or 0),
+                     writeback=(int(opts.get("writeback") or 0) != 0
+                                or os.environ.get(WRITEBACK_ENV) == "1"))
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config
