@@ -128,3 +128,25 @@ def test_cold_entries_survive_compaction() -> None:
     for i in range(2, 300, 3):
         assert table.child(root, b"n%03d" % i).ino == 1000 + i
     assert root.cold is None
+
+
+def test_number_map_against_a_dict() -> None:
+    """The cold entries' index (numbermap.py) behaves as a dict through growth, deletes that
+    shift entries back, wrap-around and shrinking."""
+    import random
+    from overlayfuse.fusefs.numbermap import NumberMap
+    rnd = random.Random(12)
+    m, ref = NumberMap(), {}
+    keys = [rnd.getrandbits(64) or 1 for _ in range(3000)] + list(range(2, 3000))
+    for step in range(16000):
+        k = rnd.choice(keys)
+        if rnd.random() < (0.6 if step < 8000 else 0.3):
+            m[k] = ref[k] = rnd.getrandbits(32)
+        elif k in ref:
+            del m[k], ref[k]
+        assert m.get(k) == ref.get(k, -1) and (k in m) == (k in ref)
+    assert len(m) == len(ref)
+    assert all(m.get(k) == v for k, v in ref.items())
+    for k in list(ref):
+        del m[k]
+    assert len(m) == 0 and all(k not in m for k in keys)

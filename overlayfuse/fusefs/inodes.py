@@ -16,6 +16,8 @@ from collections import OrderedDict
 
 import pyfuse3
 
+from .numbermap import NumberMap
+
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
 _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
@@ -157,18 +159,20 @@ class ColdChildren:
     """A directory's children that the kernel holds but nobody asked about since: plain
     single-link non-directories whose whole state is (number, kind, upper or which lower layer,
     lookup count, name), so they need no Node.  A walk of a huge tree puts nearly every entry
-    here, at about 25 bytes per entry instead of ~300 for a Node with its dict entries and
-    name object.  The first request that needs the inode makes a Node of it
-    (InodeTable.promote); it stays one until the kernel forgets it.
+    here, at about 26 bytes per entry (plus its slot in the table's NumberMap) instead of
+    ~660 for a Node with its dict entries and name object.  The first request that needs
+    the inode makes a Node of it (InodeTable._promote_at); it stays one until the kernel
+    forgets it.
 
     Entry ``i``: ``inos[8i:8i+8]`` (little-endian, 0 once removed), ``counts[i]``,
     ``meta[i]`` (see ``cold_meta``) and its name at ``offs[i]`` in ``blob``, where every
     name ends with ``/`` (which no name contains), so a name is found with one bytes search.
     """
 
-    __slots__ = ("inos", "counts", "meta", "offs", "blob", "dead")
+    __slots__ = ("inos", "counts", "meta", "offs", "blob", "dead", "serial")
 
     def __init__(self) -> None:
+        self.serial = -1  # the directory's number in InodeTable._cold_dirs
         self.inos = bytearray()
         self.counts = array("I")
         self.meta = array("I")
@@ -223,7 +227,9 @@ class ColdChildren:
         """Drop removed entries, so a directory whose children come and go stays small."""
         live = [i for i in range(len(self.counts)) if self.inos[8 * i:8 * i + 8] != _ZERO]
         old = (self.inos, self.counts, self.meta, [self.name(i) for i in live])
+        serial = self.serial
         self.__init__()
+        self.serial = serial
         inos, counts, meta, names = old
         for i, name in zip(live, names):
             self.inos += inos[8 * i:8 * i + 8]
@@ -258,7 +264,7 @@ class InodeTable:
     """Node ids known to the kernel; a node lives while the kernel or an open file holds it.
 
     Most of them, on a big tree, are cold entries (ColdChildren) of their parent directory:
-    ``_cold`` maps their number to that directory.  Every way to reach an inode (``get``,
+    ``_cold`` maps their number to that directory's serial in ``_cold_dirs``.  Every way to reach an inode (``get``,
     ``find``, ``child``, ``unbind``) turns a cold entry into a Node first, so the rest of the
     daemon only ever sees Nodes.
     """
@@ -266,7 +272,9 @@ class InodeTable:
     def __init__(self, root: Node) -> None:
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT: root}
-        self._cold: dict[int, Node] = {}  # node id -> the directory holding it cold
+        self._cold = NumberMap()  # node id -> serial of the directory holding it cold
+        self._cold_dirs: list[Node | None] = []  # serial -> directory with cold children
+        self._free_serials: list[int] = []
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
         self.root = root
 
@@ -316,7 +324,7 @@ class InodeTable:
         meta = cold_meta(fresh)
         if meta < 0 or fresh.ino in self._nodes:
             return False
-        where = self._cold.get(fresh.ino)
+        where = self._cold_parent(fresh.ino)
         if where is None:
             children = parent.children
             return children is None or name not in children
@@ -337,11 +345,21 @@ class InodeTable:
         cold = parent.cold
         if cold is None:
             cold = parent.cold = ColdChildren()
+            if self._free_serials:
+                cold.serial = self._free_serials.pop()
+                self._cold_dirs[cold.serial] = parent
+            else:
+                cold.serial = len(self._cold_dirs)
+                self._cold_dirs.append(parent)
         cold.add(fresh.ino, name, cold_meta(fresh))
-        self._cold[fresh.ino] = parent
+        self._cold[fresh.ino] = cold.serial
+
+    def _cold_parent(self, ino: int) -> Node | None:
+        serial = self._cold.get(ino)
+        return self._cold_dirs[serial] if serial >= 0 else None
 
     def _promote(self, ino: int) -> Node | None:
-        parent = self._cold.get(ino)
+        parent = self._cold_parent(ino)
         if parent is None:
             return None
         return self._promote_at(parent, parent.cold.pos(ino))
@@ -371,6 +389,8 @@ class InodeTable:
         del self._cold[ino]
         if not cold:
             parent.cold = None
+            self._cold_dirs[cold.serial] = None
+            self._free_serials.append(cold.serial)
 
     # -- binding -------------------------------------------------------------------------
     def bind(self, parent: Node, name: bytes, fresh: Node) -> Node:
@@ -432,7 +452,7 @@ class InodeTable:
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
         if node is None:
-            parent = self._cold.get(ino)
+            parent = self._cold_parent(ino)
             if parent is not None:
                 cold = parent.cold
                 i = cold.pos(ino)
