@@ -122,6 +122,11 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             ovl.cache_listing(node, names)
         handle.names = names
     names = handle.names
+    if start_id >= len(names) and handle.fd < 0:
+        # zero-message dirs (a handle without fd): this empty reply completes the kernel's
+        # cached copy (FOPEN_CACHE_DIR); ours is only needed again if it drops that one
+        ovl.listing_sent(node)
+        return
     for i in range(start_id, len(names)):
         name = names[i]
         if name == b"." or name == b"..":
