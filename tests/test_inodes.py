@@ -11,7 +11,7 @@ import stat
 import pyfuse3
 import pytest
 
-from overlayfuse.fusefs.inodes import ROOT, InodeTable, Node
+from overlayfuse.fusefs.inodes import ROOT, InodeTable, Node, in_parent_lower
 
 
 def _table() -> InodeTable:
@@ -51,3 +51,102 @@ def test_a_name_left_or_an_open_file_is_the_same_inode() -> None:
     table.unbind(table.root, b"c")  # unlinked while open: its backing inode lives on
     assert _looked_up(table, b"c2", Node(8, stat.S_IFREG)) is opened
     assert table.generation(opened) == 0
+
+
+def _plain_file(ino: int) -> Node:
+    """A lookup result that may stay cold: a single-link file of lower layer 1."""
+    node = Node(ino, stat.S_IFREG)
+    node.lower = in_parent_lower(1)
+    return node
+
+
+def _counted(table: InodeTable, parent: Node, name: bytes, fresh: Node) -> None:
+    assert table.stays_cold(parent, name, fresh)
+    table.count_cold(parent, name, fresh)
+
+
+def test_a_plain_file_is_counted_without_a_node_until_a_request_needs_it() -> None:
+    table = _table()
+    root = table.root
+    for i in range(10):
+        _counted(table, root, b"f%d" % i, _plain_file(100 + i))
+    _counted(table, root, b"f3", _plain_file(103))  # looked up twice
+    assert len(table) == 11 and root.children is None and table.holds(103)
+    node = table.get(103)
+    assert (node.kind, node.parent, node.name, node.lookups) == (stat.S_IFREG, root, b"f3", 2)
+    assert node.lower is in_parent_lower(1) and not node.upper
+    assert table.get(103) is node and table.child(root, b"f3") is node
+    assert not table.stays_cold(root, b"f3", _plain_file(103))  # a Node now: bound as one
+    table.forget(103, 2)
+    assert not table.holds(103)
+    table.forget(104, 1)
+    assert not table.holds(104) and table.find(104) is None
+    assert table.child(root, b"f5").ino == 105 and table.find(106).name == b"f6"
+
+
+def test_other_entries_are_not_cold() -> None:
+    table = _table()
+    root = table.root
+    assert not table.stays_cold(root, b"d", Node(5, stat.S_IFDIR))
+    linked = Node(6, stat.S_IFREG)
+    linked.lower = [(1, b"x/y")]  # found by a path of its own (a hard link)
+    assert not table.stays_cold(root, b"l", linked)
+    indexed = _plain_file(7)
+    indexed.index = b"00fb"
+    assert not table.stays_cold(root, b"i", indexed)
+    upper = Node(8, stat.S_IFLNK)
+    upper.upper = True
+    assert table.stays_cold(root, b"u", upper)
+    _counted(table, root, b"u", upper)
+    assert table.get(8).upper and table.get(8).kind == stat.S_IFLNK
+    _counted(table, root, b"a", _plain_file(9))
+    assert not table.stays_cold(root, b"b", _plain_file(9))  # a second name: a hard link
+
+
+def test_unlinking_a_cold_entry_keeps_the_late_forget_right() -> None:
+    table = _table()
+    _counted(table, table.root, b"gone", _plain_file(42))
+    old = table.unbind(table.root, b"gone")
+    assert old is not None and old.parent is None and table.get(42) is old
+    new = _looked_up(table, b"made", _plain_file(42))  # the number reused at once
+    assert new is not old and table.generation(new) == 1
+    table.forget(42, 1)  # the old entry's FORGET
+    assert table.get(42) is new
+
+
+def test_cold_entries_survive_compaction() -> None:
+    table = _table()
+    root = table.root
+    for i in range(300):
+        _counted(table, root, b"n%03d" % i, _plain_file(1000 + i))
+    for i in range(0, 300, 3):
+        table.forget(1000 + i, 1)
+    for i in range(1, 300, 3):
+        table.get(1000 + i)  # promoted: gone from the cold entries too
+    assert root.cold is not None and len(root.cold) == 100
+    assert len(root.cold.counts) < 300  # compacted on the way
+    for i in range(2, 300, 3):
+        assert table.child(root, b"n%03d" % i).ino == 1000 + i
+    assert root.cold is None
+
+
+def test_number_map_against_a_dict() -> None:
+    """The cold entries' index (numbermap.py) behaves as a dict through growth, deletes that
+    shift entries back, wrap-around and shrinking."""
+    import random
+    from overlayfuse.fusefs.numbermap import NumberMap
+    rnd = random.Random(12)
+    m, ref = NumberMap(), {}
+    keys = [rnd.getrandbits(64) or 1 for _ in range(3000)] + list(range(2, 3000))
+    for step in range(16000):
+        k = rnd.choice(keys)
+        if rnd.random() < (0.6 if step < 8000 else 0.3):
+            m[k] = ref[k] = rnd.getrandbits(32)
+        elif k in ref:
+            del m[k], ref[k]
+        assert m.get(k) == ref.get(k, -1) and (k in m) == (k in ref)
+    assert len(m) == len(ref)
+    assert all(m.get(k) == v for k, v in ref.items())
+    for k in list(ref):
+        del m[k]
+    assert len(m) == 0 and all(k not in m for k in keys)

@@ -8,11 +8,15 @@ resolve to one node, as the kernel's overlayfs with ``index=on`` shows them.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import stat
+from array import array
 from collections import OrderedDict
 
 import pyfuse3
+
+from .numbermap import NumberMap
 
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
@@ -29,11 +33,12 @@ class Node:
     (top first), for anything else the single visible entry.  Lower paths stay valid when an
     ancestor is renamed (the lowers never change), which is why they are stored whole while
     the upper path is derived from the parents.  Plain slots, no per-node containers unless
-    needed: a walk of a huge tree keeps one node per entry the kernel caches.
+    needed.  A directory's ``cold`` holds the children the kernel looked up but nothing else
+    asked about yet, without a node each (see ColdChildren).
     """
 
     __slots__ = ("ino", "kind", "parent", "name", "more_aliases", "children", "lookups", "upper",
-                 "lower", "opaque", "index", "open_count", "nlink_override")
+                 "lower", "opaque", "index", "open_count", "nlink_override", "cold")
 
     def __init__(self, ino: int, kind: int) -> None:
         self.ino = ino
@@ -49,6 +54,7 @@ class Node:
         self.index: bytes | None = None  # name in the hard-link index holding the data
         self.open_count = 0
         self.nlink_override: int | None = None
+        self.cold: ColdChildren | None = None
 
     @property
     def st(self):
@@ -149,36 +155,248 @@ def in_parent_lower(layer: int) -> list:
     return shared
 
 
+class ColdChildren:
+    """A directory's children that the kernel holds but nobody asked about since: plain
+    single-link non-directories whose whole state is (number, kind, upper or which lower layer,
+    lookup count, name), so they need no Node.  A walk of a huge tree puts nearly every entry
+    here, at about 26 bytes per entry (plus its slot in the table's NumberMap) instead of
+    ~660 for a Node with its dict entries and name object.  The first request that needs
+    the inode makes a Node of it (InodeTable._promote_at); it stays one until the kernel
+    forgets it.
+
+    Entry ``i``: ``inos[8i:8i+8]`` (little-endian, 0 once removed), ``counts[i]``,
+    ``meta[i]`` (see ``cold_meta``) and its name at ``offs[i]`` in ``blob``, where every
+    name ends with ``/`` (which no name contains), so a name is found with one bytes search.
+    """
+
+    __slots__ = ("inos", "counts", "meta", "offs", "blob", "dead", "serial")
+
+    def __init__(self) -> None:
+        self.serial = -1  # the directory's number in InodeTable._cold_dirs
+        self.inos = bytearray()
+        self.counts = array("I")
+        self.meta = array("I")
+        self.offs = array("I")
+        self.blob = bytearray(b"/")
+        self.dead = 0
+
+    def __len__(self) -> int:
+        return len(self.counts) - self.dead
+
+    def add(self, ino: int, name: bytes, meta: int) -> None:
+        self.inos += ino.to_bytes(8, "little")
+        self.counts.append(1)
+        self.meta.append(meta)
+        self.offs.append(len(self.blob))
+        self.blob += name
+        self.blob += b"/"
+
+    def pos(self, ino: int) -> int:
+        """Index of ``ino``'s entry, -1 if absent."""
+        key, inos = ino.to_bytes(8, "little"), self.inos
+        i = inos.find(key)
+        while i > 0 and i % 8:
+            i = inos.find(key, i + 1)
+        return i // 8 if i >= 0 else -1
+
+    def find_name(self, name: bytes) -> int:
+        """Index of the live entry named ``name``, -1 if none."""
+        blob, key = self.blob, b"/" + name + b"/"
+        at = blob.find(key)
+        while at >= 0:
+            i = bisect.bisect_left(self.offs, at + 1)
+            if self.inos[8 * i:8 * i + 8] != _ZERO:
+                return i
+            at = blob.find(key, at + 1)
+        return -1
+
+    def ino(self, i: int) -> int:
+        return int.from_bytes(self.inos[8 * i:8 * i + 8], "little")
+
+    def name(self, i: int) -> bytes:
+        start = self.offs[i]
+        return bytes(self.blob[start:self.blob.index(b"/", start)])
+
+    def remove(self, i: int) -> None:
+        self.inos[8 * i:8 * i + 8] = _ZERO
+        self.dead += 1
+        if self.dead > 64 and 2 * self.dead > len(self.counts):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop removed entries, so a directory whose children come and go stays small."""
+        live = [i for i in range(len(self.counts)) if self.inos[8 * i:8 * i + 8] != _ZERO]
+        old = (self.inos, self.counts, self.meta, [self.name(i) for i in live])
+        serial = self.serial
+        self.__init__()
+        self.serial = serial
+        inos, counts, meta, names = old
+        for i, name in zip(live, names):
+            self.inos += inos[8 * i:8 * i + 8]
+            self.counts.append(counts[i])
+            self.meta.append(meta[i])
+            self.offs.append(len(self.blob))
+            self.blob += name
+            self.blob += b"/"
+
+
+_ZERO = bytes(8)
+
+
+def cold_meta(fresh: Node) -> int:
+    """The packed state of a fresh lookup result that may stay cold, or -1: the kind's type
+    bits, the upper flag, and the lower layer of a file found under its parent's own name."""
+    if fresh.kind == stat.S_IFDIR or fresh.index is not None or fresh.ino == ROOT \
+            or fresh.nlink_override is not None or fresh.more_aliases is not None \
+            or fresh.open_count:
+        return -1
+    if fresh.upper:
+        if fresh.lower is not _NO_LOWER:
+            return -1
+        return fresh.kind >> 12 | 16
+    lower = fresh.lower
+    if len(lower) != 1 or _IN_PARENT.get(lower[0][0]) is not lower:
+        return -1
+    return fresh.kind >> 12 | lower[0][0] << 5
+
+
 class InodeTable:
-    """Node ids known to the kernel; a node lives while the kernel or an open file holds it."""
+    """Node ids known to the kernel; a node lives while the kernel or an open file holds it.
+
+    Most of them, on a big tree, are cold entries (ColdChildren) of their parent directory:
+    ``_cold`` maps their number to that directory's serial in ``_cold_dirs``.  Every way to reach an inode (``get``,
+    ``find``, ``child``, ``unbind``) turns a cold entry into a Node first, so the rest of the
+    daemon only ever sees Nodes.
+    """
 
     def __init__(self, root: Node) -> None:
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT: root}
+        self._cold = NumberMap()  # node id -> serial of the directory holding it cold
+        self._cold_dirs: list[Node | None] = []  # serial -> directory with cold children
+        self._free_serials: list[int] = []
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
         self.root = root
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._nodes) + len(self._cold)
 
     def get(self, ino: int) -> Node:
         try:
             return self._nodes[ino]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ESTALE) from None
+            pass
+        node = self._promote(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
 
     def find(self, ino: int) -> Node | None:
-        return self._nodes.get(ino)
+        node = self._nodes.get(ino)
+        return node if node is not None else self._promote(ino)
 
-    @staticmethod
-    def child(parent: Node, name: bytes) -> Node | None:
+    def holds(self, ino: int) -> bool:
+        """Does the kernel (or an open file) still hold this node id?"""
+        return ino in self._nodes or ino in self._cold
+
+    def child(self, parent: Node, name: bytes) -> Node | None:
         """The node the kernel holds under ``name`` in ``parent``, so renames and unlinks can
         fix its names."""
         children = parent.children
+        node = children.get(name) if children is not None else None
+        if node is None and parent.cold is not None:
+            i = parent.cold.find_name(name)
+            if i >= 0:
+                node = self._promote_at(parent, i)
+        return node
+
+    @staticmethod
+    def hot_child(parent: Node, name: bytes) -> Node | None:
+        """Like ``child`` but only a Node already made (readdir's fast path: a cold entry
+        costs a lookup there, not a Node)."""
+        children = parent.children
         return children.get(name) if children is not None else None
 
+    # -- cold entries ------------------------------------------------------------------------
+    def stays_cold(self, parent: Node, name: bytes, fresh: Node) -> bool:
+        """May the kernel's lookup of ``name`` -> ``fresh`` be counted as a cold entry: a plain
+        file (cold_meta) whose number is new here, or is already the same cold entry?"""
+        meta = cold_meta(fresh)
+        if meta < 0 or fresh.ino in self._nodes:
+            return False
+        where = self._cold_parent(fresh.ino)
+        if where is None:
+            children = parent.children
+            return children is None or name not in children
+        if where is not parent:
+            return False
+        cold = parent.cold
+        i = cold.pos(fresh.ino)
+        return cold.meta[i] == meta and cold.name(i) == name
+
+    def count_cold(self, parent: Node, name: bytes, fresh: Node) -> None:
+        """One more kernel lookup of a result ``stays_cold`` accepted."""
+        _stats.pop(fresh.ino, None)  # attributes are the kernel's to cache now
+        if fresh.ino in self._cold:
+            cold = parent.cold
+            i = cold.pos(fresh.ino)
+            cold.counts[i] += 1
+            return
+        cold = parent.cold
+        if cold is None:
+            cold = parent.cold = ColdChildren()
+            if self._free_serials:
+                cold.serial = self._free_serials.pop()
+                self._cold_dirs[cold.serial] = parent
+            else:
+                cold.serial = len(self._cold_dirs)
+                self._cold_dirs.append(parent)
+        cold.add(fresh.ino, name, cold_meta(fresh))
+        self._cold[fresh.ino] = cold.serial
+
+    def _cold_parent(self, ino: int) -> Node | None:
+        serial = self._cold.get(ino)
+        return self._cold_dirs[serial] if serial >= 0 else None
+
+    def _promote(self, ino: int) -> Node | None:
+        parent = self._cold_parent(ino)
+        if parent is None:
+            return None
+        return self._promote_at(parent, parent.cold.pos(ino))
+
+    def _promote_at(self, parent: Node, i: int) -> Node:
+        """Make a Node of cold entry ``i`` of ``parent``, with its name and lookup count."""
+        cold = parent.cold
+        ino, meta, name = cold.ino(i), cold.meta[i], cold.name(i)
+        node = Node(ino, (meta & 15) << 12)
+        node.lookups = cold.counts[i]
+        if meta & 16:
+            node.upper = True
+        else:
+            node.lower = in_parent_lower(meta >> 5)
+        self._drop_cold(parent, i, ino)
+        node.parent, node.name = parent, name
+        self._nodes[ino] = node
+        children = parent.children
+        if children is None:
+            children = parent.children = {}
+        children[name] = node
+        return node
+
+    def _drop_cold(self, parent: Node, i: int, ino: int) -> None:
+        cold = parent.cold
+        cold.remove(i)
+        del self._cold[ino]
+        if not cold:
+            parent.cold = None
+            self._cold_dirs[cold.serial] = None
+            self._free_serials.append(cold.serial)
+
+    # -- binding -------------------------------------------------------------------------
     def bind(self, parent: Node, name: bytes, fresh: Node) -> Node:
         """Record a lookup result: reuse the known node of that inode, refreshed; count it."""
+        if fresh.ino in self._cold:
+            self._promote(fresh.ino)
         node = self._nodes.get(fresh.ino)
         if node is None:
             node = self._nodes[fresh.ino] = fresh
@@ -189,10 +407,10 @@ class InodeTable:
             node.upper, node.lower, node.opaque, node.index, node.st = (
                 fresh.upper, fresh.lower, fresh.opaque, fresh.index, fresh.st)
             node.nlink_override = fresh.nlink_override
+        old = self.child(parent, name)
         children = parent.children
         if children is None:
             children = parent.children = {}
-        old = children.get(name)
         if old is not None and old is not node:
             old.drop_alias(parent, name)
         node.add_alias(parent, name)
@@ -224,6 +442,7 @@ class InodeTable:
 
     def unbind(self, parent: Node, name: bytes) -> Node | None:
         """The name is gone from the merged tree (unlink, rmdir, rename source)."""
+        self.child(parent, name)  # a cold entry becomes a Node: it may live on, nameless
         children = parent.children
         node = children.pop(name, None) if children is not None else None
         if node is not None:
@@ -232,7 +451,18 @@ class InodeTable:
 
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
-        if node is None or ino == ROOT:
+        if node is None:
+            parent = self._cold_parent(ino)
+            if parent is not None:
+                cold = parent.cold
+                i = cold.pos(ino)
+                left = cold.counts[i] - count
+                if left > 0:
+                    cold.counts[i] = left
+                else:
+                    self._drop_cold(parent, i, ino)
+            return
+        if ino == ROOT:
             return
         node.lookups -= count
         self.maybe_drop(node)

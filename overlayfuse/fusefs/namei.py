@@ -254,6 +254,10 @@ def lookup(ovl: Overlay, parent: Node, name: bytes) -> tuple[Node, os.stat_resul
     if found is None:
         raise pyfuse3.FUSEError(errno.ENOENT)
     fresh, st = found
-    node = ovl.table.bind(parent, name, fresh)
+    table = ovl.table
+    if table.stays_cold(parent, name, fresh):
+        table.count_cold(parent, name, fresh)  # no Node until a request needs one
+        return fresh, st
+    node = table.bind(parent, name, fresh)
     node.lookups += 1
     return node, st

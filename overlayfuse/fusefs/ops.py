@@ -101,7 +101,7 @@ class OverlayOperations(pyfuse3.Operations):
         table, files = self.ovl.table, self.ovl.inofiles
         for ino, count in inode_list:
             table.forget(ino, count)
-            if files is not None and table.find(ino) is None:
+            if files is not None and not table.holds(ino):
                 files.forget(ino)
 
     @_errors

@@ -124,6 +124,11 @@ class Overlay:
         if names is not None:
             self._listed_names -= len(names)
 
+    def listing_sent(self, node: Node) -> None:
+        """The kernel holds the whole listing of ``node`` now (zero-message dirs): free ours,
+        so a walk of a huge tree does not keep a full budget of names for nothing."""
+        self._drop_listing(node.ino)
+
     def cached_listing(self, node: Node) -> list[bytes] | None:
         for cache in (self._listings, self._big_listings):
             names = cache.get(node.ino)

@@ -122,6 +122,11 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             ovl.cache_listing(node, names)
         handle.names = names
     names = handle.names
+    if start_id >= len(names) and handle.fd < 0:
+        # zero-message dirs (a handle without fd): this empty reply completes the kernel's
+        # cached copy (FOPEN_CACHE_DIR); ours is only needed again if it drops that one
+        ovl.listing_sent(node)
+        return
     for i in range(start_id, len(names)):
         name = names[i]
         if name == b"." or name == b"..":
@@ -131,7 +136,7 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             continue
-        known = ovl.table.child(node, name)
+        known = ovl.table.hot_child(node, name)
         if known is not None and known.st is not None:
             # the daemon's own record: nothing changed it since it was read
             if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, known, known.st), i + 1):
@@ -147,9 +152,16 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             continue
         if found is None:
             continue
+        fresh, st = found
+        if ovl.table.stays_cold(node, name, fresh):
+            # a plain file: counted without a Node (inodes.ColdChildren), once it is sent
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, fresh, st), i + 1):
+                return
+            ovl.table.count_cold(node, name, fresh)
+            continue
         # bound before the reply: the entry must carry the generation the node id gets
-        bound = ovl.table.bind(node, name, found[0])
-        if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, bound, found[1]), i + 1):
+        bound = ovl.table.bind(node, name, fresh)
+        if not pyfuse3.readdir_reply(token, name, entry_attributes(ovl, bound, st), i + 1):
             ovl.table.maybe_drop(bound)  # not sent: nobody holds a node new to the table
             return
         bound.lookups += 1
