@@ -6,11 +6,15 @@ with ``remount`` among the options) makes the mount read-only and back; a rename
 file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
 read that had the old data cached; a read leaves a lower file's atime alone and updates an
 upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user;
-an open file whose last name is gone keeps its xattrs and takes writes.
+an open file whose last name is gone keeps its xattrs and takes writes; a file handle
+(``name_to_handle_at``) still opens its file or directory once the kernel evicted the inode
+(the kernel's overlay with ``nfs_export=on``), and a deleted file's handle is stale.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -30,7 +34,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need 
 
 @contextlib.contextmanager
 def both(tmp_path: Path, extra: tuple[str, ...] = (),
-         lower_atime: float | None = None) -> Iterator[list[tuple[str, Path]]]:
+         lower_atime: float | None = None,
+         kernel_extra: tuple[str, ...] = ()) -> Iterator[list[tuple[str, Path]]]:
     """A kernel overlay and an overlayfuse mount over copies of the same one-file lower."""
     k, f = make_layers(tmp_path / "k", 1), make_layers(tmp_path / "f", 1)
     for layers in (k, f):
@@ -38,7 +43,7 @@ def both(tmp_path: Path, extra: tuple[str, ...] = (),
         low.write_bytes(b"lower\n")
         if lower_atime is not None:
             os.utime(low, (lower_atime, time.time()))
-    kopts = ",".join(("redirect_dir=on", "index=on") + extra)
+    kopts = ",".join(("redirect_dir=on", "index=on") + extra + kernel_extra)
     with kernel_overlay(k.lowers, k.upper, k.work, k.mnt, kopts), \
             overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt, extra=extra):
         yield [("kernel", k.mnt), ("overlayfuse", f.mnt)]
@@ -211,3 +216,57 @@ def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [b"v", "ok", ["user.k", "user.n"], 4, b"more\n"]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def _name_to_handle(path: Path) -> _FileHandle:
+    handle, mount_id = _FileHandle(handle_bytes=128), ctypes.c_int()
+    if _libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(handle),
+                               ctypes.byref(mount_id), 0) != 0:
+        raise OSError(ctypes.get_errno(), "name_to_handle_at")
+    return handle
+
+
+def _read_by_handle(mnt_fd: int, handle: _FileHandle) -> Any:
+    """What the handle opens: a file's data, a directory's listing, or the errno's name."""
+    fd = _libc.open_by_handle_at(mnt_fd, ctypes.byref(handle), os.O_RDONLY)
+    if fd < 0:
+        return errno.errorcode[ctypes.get_errno()]
+    try:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            return sorted(os.listdir(fd))
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> dict[str, Any]:
+        (mnt / "d" / "sub").mkdir(parents=True)
+        (mnt / "d" / "sub" / "f").write_bytes(b"deep\n")
+        (mnt / "gone").write_bytes(b"deleted\n")
+        (mnt / "moved").write_bytes(b"renamed\n")
+        names = ["d", "d/sub", "d/sub/f", "gone", "moved", "low"]
+        handles = {name: _name_to_handle(mnt / name) for name in names}
+        (mnt / "gone").unlink()
+        os.rename(mnt / "moved", mnt / "d" / "moved")
+        with open(mnt / "low", "ab") as f:  # copy-up of the lower file after its handle
+            f.write(b"more\n")
+        Path("/proc/sys/vm/drop_caches").write_text("2")  # the kernel forgets the inodes
+        mnt_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {name: _read_by_handle(mnt_fd, handles[name]) for name in names}
+        finally:
+            os.close(mnt_fd)
+
+    with both(tmp_path, kernel_extra=("nfs_export=on",)) as mounts:
+        assert same(mounts, steps) == {
+            "d": ["moved", "sub"], "d/sub": ["f"], "d/sub/f": b"deep\n", "gone": "ESTALE",
+            "moved": b"renamed\n", "low": b"lower\nmore\n"}

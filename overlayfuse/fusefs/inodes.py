@@ -16,6 +16,7 @@ import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
+GONE_SIZE = 65536  # forgotten node ids whose last name is kept for open_by_handle_at
 _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
 
 
@@ -156,6 +157,10 @@ class InodeTable:
         root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT: root}
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
+        # node id -> (parent node id, name, generation) of nodes the kernel forgot, newest
+        # last: a file handle names only the node id (export.py finds the node again)
+        self._gone: OrderedDict[int, tuple[int, bytes, int]] = OrderedDict()
+        self._scaffold: set[int] = set()  # node ids held only as parents of revived nodes
         self.root = root
 
     def __len__(self) -> int:
@@ -182,6 +187,8 @@ class InodeTable:
         node = self._nodes.get(fresh.ino)
         if node is None:
             node = self._nodes[fresh.ino] = fresh
+            if self._gone:
+                self._gone.pop(fresh.ino, None)
         elif node is not fresh and self._reused(node, fresh):
             self._succeed(node, fresh)
             node = fresh
@@ -241,11 +248,40 @@ class InodeTable:
         """Free a node nobody refers to any more: memory stays bounded on huge trees."""
         if node.lookups > 0 or node.open_count > 0 or node.ino == ROOT:
             return
+        parents = [parent for parent, _ in node.aliases]
         if self._nodes.get(node.ino) is node:
             del self._nodes[node.ino]
-            self._generations.pop(node.ino, None)
+            generation = self._generations.pop(node.ino, 0)
+            self._scaffold.discard(node.ino)
+            if node.parent is not None:
+                self._remember(node.ino, node.parent.ino, node.name, generation)
             node.st = None
         self._unlink_names(node)
+        for parent in parents:  # a parent held only for a revived child goes with it
+            if parent.ino in self._scaffold and not parent.children:
+                self._scaffold.discard(parent.ino)
+                self.maybe_drop(parent)
+
+    def _remember(self, ino: int, parent: int, name: bytes, generation: int) -> None:
+        gone = self._gone
+        gone[ino] = (parent, name, generation)
+        gone.move_to_end(ino)
+        if len(gone) > GONE_SIZE:
+            gone.popitem(last=False)
+
+    def recall(self, ino: int) -> tuple[int, bytes, int] | None:
+        """Where a forgotten node id was last seen: (parent node id, name, generation)."""
+        return self._gone.get(ino)
+
+    def hold_as_parent(self, node: Node) -> None:
+        """``node`` was brought back only to reach a revived child: the kernel holds no lookup
+        of it, so it is dropped with its last child rather than by a FORGET."""
+        if node.lookups <= 0:
+            self._scaffold.add(node.ino)
+
+    def restore_generation(self, node: Node, generation: int) -> None:
+        if generation:
+            self._generations[node.ino] = generation
 
     @staticmethod
     def _unlink_names(node: Node) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import attrs, dir as dirops, file as fileops, readdir as readdirops, xattrs
+from . import attrs, dir as dirops, export, file as fileops, readdir as readdirops, xattrs
 from .inofiles import InodeFiles
 from .namei import lookup
 from .overlay import Overlay
@@ -78,11 +78,11 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
         ovl = self.ovl
-        parent = ovl.table.get(parent_inode)
-        if name == b".":
-            node = parent
+        if name == b".":  # the kernel asks for a node id by itself: a file handle (export.py)
+            node = export.revive(ovl, parent_inode)
             node.lookups += 1
             return attrs.getattr_node(ovl, node)
+        parent = ovl.table.get(parent_inode)
         if name == b"..":
             node = parent.parent or parent
             node.lookups += 1
