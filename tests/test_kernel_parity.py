@@ -153,6 +153,33 @@ def test_atime_like_the_kernel(tmp_path: Path) -> None:
         assert same(mounts, steps) == [False, True]
 
 
+@pytest.mark.parametrize("mode,expected", [
+    ("relatime", [True, False]), ("strictatime", [True, True]), ("noatime", [False, False])])
+def test_atime_mount_options_like_the_kernel(tmp_path: Path, mode: str,
+                                             expected: list[bool]) -> None:
+    """The mount's atime option decides for upper files; a read never changes a ctime."""
+    def steps(mnt: Path) -> list[Any]:
+        up = mnt / "up"
+        up.write_bytes(b"upper\n")
+        now = time.time()
+        changed = []
+        # first atime older than the mtime (relatime updates it), then newer than mtime and
+        # ctime (relatime leaves it)
+        for atime in (now - 200, now + 100):
+            os.utime(up, (atime, now - 100))
+            before = os.stat(up)
+            up.read_bytes()
+            after = os.stat(up)
+            changed.append(after.st_atime_ns != before.st_atime_ns)
+            assert after.st_ctime_ns == before.st_ctime_ns
+        low = os.stat(mnt / "low").st_atime_ns
+        (mnt / "low").read_bytes()
+        return changed + [os.stat(mnt / "low").st_atime_ns == low]
+
+    with both(tmp_path, (mode,), lower_atime=946684800) as mounts:
+        assert same(mounts, steps) == expected + [True]
+
+
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 0x10, 0x20
 _NO_ID = 0xFFFFFFFF
 

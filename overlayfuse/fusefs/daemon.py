@@ -20,7 +20,7 @@ from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
-from . import transport
+from . import atime, transport
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -85,7 +85,7 @@ def _detach(debug: bool) -> None:
 def fuse_option_set(spec: OverlaySpec, fuse_options: Sequence[str], debug: bool) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.update(("fsname=overlayfuse", "subtype=overlayfuse"))
-    opts.update(fuse_options)
+    opts.update(o for o in fuse_options if o not in atime.DAEMON_ONLY)
     if spec.readonly:
         opts.add("ro")
     if debug:
@@ -119,7 +119,13 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
-    ovl = Overlay(spec, Config.for_spec(spec, as_root=os.geteuid() == 0))
+    config = Config.for_spec(spec, as_root=os.geteuid() == 0)
+    config.atime = atime.mode_of(fuse_options)
+    if config.atime == "strictatime":
+        config.keep_cache = False  # each open's reads must reach the daemon to touch atime
+    ovl = Overlay(spec, config)
+    if config.atime == "strictatime" and ovl.upper is not None:
+        ovl.strict_fd = atime.strict_clone(ovl.upper.root_fd)
     zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))

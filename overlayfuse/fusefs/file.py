@@ -14,7 +14,8 @@ import pyfuse3
 import trio
 
 from .copy_up import copy_up_async
-from .inodes import Node
+from .inodes import ROOT, Node
+from .layers import openat2_beneath
 from .overlay import Overlay
 
 _STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
@@ -68,6 +69,14 @@ def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
 def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
     dirfd, name = ovl.location(node)
     flags = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if node.upper and node.index is None and node.ino != ROOT:  # the mount's atime option
+        if ovl.config.atime == "noatime":
+            try:  # only the owner or CAP_FOWNER may ask for it
+                return os.open(name, flags | os.O_NOATIME, dir_fd=dirfd)
+            except PermissionError:
+                pass
+        if ovl.strict_fd >= 0 and flags & os.O_ACCMODE == os.O_RDONLY:
+            return openat2_beneath(ovl.strict_fd, node.upath(), flags)
     if not node.upper and node.index is None:
         # as the kernel's overlay: reading a lower file leaves its atime alone (O_NOATIME,
         # which only the file's owner or CAP_FOWNER may ask for)

@@ -29,6 +29,7 @@ class Config:
     entry_timeout: float = 86400.0
     attr_timeout: float = 86400.0
     keep_cache: bool = True
+    atime: str = "relatime"  # the mount's atime option (atime.py)
     as_root: bool = False
     owners: Owners = field(default_factory=Owners)  # uid/gid mapping and squashing
     static_nlink: bool = False  # every directory reports nlink 1 (fuse-overlayfs' option)
@@ -59,6 +60,7 @@ class Overlay:
         self.upper: Layer | None = self.layers[0] if spec.upperdir else None
         self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
         self.dirfds = DirFds(self.layers)
+        self.strict_fd = -1  # the upper root on a strictatime clone of its mount (atime.py)
         self.prefix = fmt.default_prefix(userxattr=spec.userxattr)
         devs: list[int] = []
         for layer in self.layers:
@@ -290,6 +292,8 @@ class Overlay:
             self.record.note()
 
     def close(self) -> None:
+        if self.strict_fd >= 0:
+            os.close(self.strict_fd)
         if self.inofiles is not None:
             self.inofiles.close()
         self.dirfds.close()
