@@ -17,6 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import struct
 import subprocess
 import time
@@ -118,6 +119,23 @@ def test_rename_over_an_open_file_keeps_it_readable(tmp_path: Path) -> None:
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [0, 9, b"old data\n", b"new data\n"]
+
+
+def test_rename_over_an_open_directory_keeps_it_statable(tmp_path: Path) -> None:
+    """xfstests generic/035: with zero-message dirs the daemon never hears of the open."""
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "a").mkdir()
+        (mnt / "b").mkdir()
+        fd = os.open(mnt / "b", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename(mnt / "a", mnt / "b")
+            st = os.fstat(fd)
+            return [st.st_nlink, stat_type(st.st_mode), outcome(os.listdir, fd)]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, "dir", []]
 
 
 def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
@@ -243,6 +261,10 @@ def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [b"v", "ok", ["user.k", "user.n"], 4, b"more\n"]
+
+
+def stat_type(mode: int) -> str:
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

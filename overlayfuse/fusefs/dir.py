@@ -238,8 +238,7 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     udir = ensure_upper_dir(ovl, parent)
     need_whiteout = lower_positive(ovl, parent, name)
     in_upper = _lstat(udir, name) is not None  # this name, not the inode: hard links differ
-    if ovl.inofiles is not None:
-        ovl.inofiles.pin(node)  # the kernel may still have it open, and no fd of its own here
+    ovl.keep_reachable(node)  # the kernel may still have it open, and no fd of its own here
     if not in_upper and node.kind == stat.S_IFREG and links > 1:
         copy_up_to_index(ovl, node)
     with index.Counting(ovl, node, -1):
@@ -363,8 +362,8 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
         ovl.dirfds.forget_tree(0, join(new_parent.upath(), new_name))
     if dst is not None and upper_dst is None and dst.kind == stat.S_IFREG and dst_links > 1:
         copy_up_to_index(ovl, dst)  # its other names must keep a true link count
-    if dst is not None and ovl.inofiles is not None:
-        ovl.inofiles.pin(dst)  # replaced, maybe still open (see _remove_entry)
+    if dst is not None:
+        ovl.keep_reachable(dst)  # replaced, maybe still open (see _remove_entry)
     with index.Counting(ovl, dst, -1) if dst is not None else contextlib.nullcontext():
         if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
             # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout

@@ -64,6 +64,7 @@ class OverlayOperations(pyfuse3.Operations):
         self.zero_opens = zero_opens
         if self.zero_dirs:
             self.inode_as_fh = True
+            ovl.pin_dirs = True
         if zero_opens:
             self.enable_atomic_o_trunc = False
             ovl.inofiles = InodeFiles(ovl)
@@ -96,11 +97,12 @@ class OverlayOperations(pyfuse3.Operations):
         return attrs.entry_attributes(ovl, node, st)
 
     async def forget(self, inode_list):
-        table, files = self.ovl.table, self.ovl.inofiles
+        ovl = self.ovl
+        table = ovl.table
         for ino, count in inode_list:
             table.forget(ino, count)
-            if files is not None and table.find(ino) is None:
-                files.forget(ino)
+            if table.find(ino) is None:
+                ovl.forget_inode(ino)
 
     @_errors
     async def getattr(self, inode, ctx=None):
