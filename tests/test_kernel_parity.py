@@ -319,3 +319,36 @@ def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
         assert same(mounts, steps) == {
             "d": ["moved", "sub"], "d/sub": ["f"], "d/sub/f": b"deep\n", "gone": "ESTALE",
             "moved": b"renamed\n", "low": b"lower\nmore\n"}
+
+
+def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/477: handles taken before an unmount open their files after it."""
+    def take(mnt: Path) -> dict[str, _FileHandle]:
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"kept\n")
+        return {name: _name_to_handle(mnt / name) for name in ("d", "d/f", "low")}
+
+    def use(mnt: Path, handles: dict[str, _FileHandle]) -> dict[str, Any]:
+        mnt_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {name: _read_by_handle(mnt_fd, h) for name, h in handles.items()}
+        finally:
+            os.close(mnt_fd)
+
+    results = {}
+    for name in ("kernel", "overlayfuse"):
+        layers = make_layers(tmp_path / name, 1)
+        (layers.lowers[0] / "low").write_bytes(b"lower\n")
+        for round_ in ("take", "use"):
+            if name == "kernel":
+                ctx = kernel_overlay(layers.lowers, layers.upper, layers.work, layers.mnt,
+                                     "redirect_dir=on,index=on,nfs_export=on")
+            else:
+                ctx = overlayfuse_mount(layers.lowers, layers.upper, layers.work, layers.mnt)
+            with ctx:
+                if round_ == "take":
+                    handles = take(layers.mnt)
+                else:
+                    results[name] = use(layers.mnt, handles)
+    assert results["overlayfuse"] == results["kernel"] == {
+        "d": ["f"], "d/f": b"kept\n", "low": b"lower\n"}, results

@@ -20,7 +20,7 @@ from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
-from . import atime, transport
+from . import atime, export, transport
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -126,6 +126,7 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     ovl = Overlay(spec, config)
     if config.atime == "strictatime" and ovl.upper is not None:
         ovl.strict_fd = atime.strict_clone(ovl.upper.root_fd)
+    export.load_names(ovl)
     zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
@@ -142,6 +143,7 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         trio.run(_main)
     finally:
         pyfuse3.close(unmount=True)
+        export.save_names(ovl)
         ovl.close()
 
 

@@ -269,6 +269,26 @@ class InodeTable:
         if len(gone) > GONE_SIZE:
             gone.popitem(last=False)
 
+    def last_names(self, limit: int) -> list[tuple[int, int, bytes, int]]:
+        """(node id, parent id, name, generation) of the named nodes known now, then of the
+        forgotten ones, newest first, at most ``limit``: what a remount needs to find them."""
+        out = []
+        for node in self._nodes.values():
+            if node.parent is not None and len(out) < limit:
+                out.append((node.ino, node.parent.ino, node.name, self.generation(node)))
+        for ino in reversed(self._gone):
+            if len(out) >= limit:
+                break
+            if ino not in self._nodes:
+                out.append((ino, *self._gone[ino]))
+        return out
+
+    def restore_names(self, records: list[tuple[int, int, bytes, int]]) -> None:
+        """Records from ``last_names`` (newest first) of a previous mount, as forgotten nodes."""
+        for ino, parent, name, generation in reversed(records[:GONE_SIZE]):
+            if ino not in self._nodes:
+                self._remember(ino, parent, name, generation)
+
     def recall(self, ino: int) -> tuple[int, bytes, int] | None:
         """Where a forgotten node id was last seen: (parent node id, name, generation)."""
         return self._gone.get(ino)
