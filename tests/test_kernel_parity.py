@@ -138,6 +138,18 @@ def test_rename_over_an_open_directory_keeps_it_statable(tmp_path: Path) -> None
         assert same(mounts, steps) == [0, "dir", []]
 
 
+def test_rename_whiteout_refused_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/078: the kernel's overlay takes only NOREPLACE and EXCHANGE."""
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "a").write_bytes(b"a\n")
+        rename = _libc.renameat2
+        got = rename(-100, os.fsencode(mnt / "a"), -100, os.fsencode(mnt / "b"), 4)
+        return [got, errno.errorcode.get(ctypes.get_errno()), sorted(os.listdir(mnt))]
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [-1, "EINVAL", ["a", "low"]]
+
+
 def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
     def steps(mnt: Path) -> list[bytes]:
         (mnt / "d").write_bytes(b"\0" * 8192)

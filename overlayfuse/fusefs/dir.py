@@ -319,6 +319,8 @@ def _prepare_moved_dir(ovl: Overlay, node: Node, udir: int, name: bytes, new_par
 
 def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
            flags: int) -> None:
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise pyfuse3.FUSEError(errno.EINVAL)  # as the kernel's ovl_rename: no RENAME_WHITEOUT
     ovl.require_writable()
     check_name(new_name)
     if new_name.startswith(fmt.WH_PREFIX):
