@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 
 import pyfuse3
@@ -18,7 +19,9 @@ from .inodes import ROOT, Node
 from .layers import openat2_beneath
 from .overlay import Overlay
 
-_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | _O_DIRECT
+log = logging.getLogger(__name__)
 
 
 class FileHandle:
@@ -115,10 +118,25 @@ def read(ovl: Overlay, fh: int, off: int, size: int) -> bytes:
     return os.pread(_current_fd(ovl, get_handle(fh)), size, off)
 
 
-def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
+async def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
     handle = get_handle(fh)
     handle.node.st = None
-    return os.pwrite(handle.fd, buf, off)
+    written = os.pwrite(handle.fd, buf, off)
+    if handle.flags & _O_DIRECT:
+        await _drop_page_cache(handle.node.ino)
+    return written
+
+
+async def _drop_page_cache(ino: int) -> None:
+    """After an O_DIRECT write: the kernel's FUSE drops the pages a direct write made stale
+    only for a synchronous write; after an asynchronous one (io_submit) a buffered read kept
+    the old data (xfstests generic/451).  Dropping them here, before the reply, makes the
+    write's completion the point after which every read sees it, as on the kernel's overlay.
+    From a thread: the kernel may wait for a page whose READ this loop must answer."""
+    try:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+    except OSError as e:
+        log.debug("page cache of inode %d not dropped: %s", ino, e)
 
 
 async def fsync(ovl: Overlay, fh: int, datasync: bool) -> None:

@@ -200,7 +200,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if self.zero_opens:
             return await self.ovl.inofiles.write(self.ovl.table.get(fh), off, buf)
-        return fileops.write(self.ovl, fh, off, buf)
+        return await fileops.write(self.ovl, fh, off, buf)
 
     async def flush(self, fh):
         # nothing to do on close(); ENOSYS tells the kernel never to send FLUSH again,
