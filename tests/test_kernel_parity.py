@@ -405,3 +405,38 @@ def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:
                     results[name] = use(layers.mnt, handles)
     assert results["overlayfuse"] == results["kernel"] == {
         "d": ["f"], "d/f": b"kept\n", "low": b"lower\n"}, results
+
+
+def test_setting_an_acl_clears_sgid_outside_the_group_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/375: the owner sets an access ACL; setgid stays only for a member of
+    the file's group."""
+    acl = _acl((_ACL_USER_OBJ, 7, _NO_ID), (_ACL_GROUP_OBJ, 7, _NO_ID), (_ACL_OTHER, 7, _NO_ID))
+
+    def set_acl_as(fd: int, gid: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(12345)
+                os.setxattr(fd, "system.posix_acl_access", acl)
+                os._exit(0)
+            except BaseException:  # noqa: BLE001
+                os._exit(1)
+        return os.waitpid(pid, 0)[1]
+
+    def steps(mnt: Path) -> list[Any]:
+        out = []
+        for name, gid in (("member", 12345), ("outsider", 54321)):
+            (mnt / name).write_bytes(b"x\n")
+            os.chown(mnt / name, 12345, 12345)
+            os.chmod(mnt / name, 0o2755)
+            fd = os.open(mnt / name, os.O_RDONLY)
+            try:
+                out += [set_acl_as(fd, gid), oct(stat.S_IMODE(os.stat(mnt / name).st_mode))]
+            finally:
+                os.close(fd)
+        return out
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, "0o2777", 0, "0o777"]

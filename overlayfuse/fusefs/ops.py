@@ -261,7 +261,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
-        xattrs.setxattr(self.ovl, self.ovl.table.get(inode), name, value)
+        xattrs.setxattr(self.ovl, self.ovl.table.get(inode), name, value, ctx.pid)
 
     @_errors
     async def removexattr(self, inode, name, ctx):
