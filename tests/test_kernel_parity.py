@@ -440,3 +440,15 @@ def test_setting_an_acl_clears_sgid_outside_the_group_like_the_kernel(tmp_path: 
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [0, "0o2777", 0, "0o777"]
+
+
+def test_create_keeps_the_setgid_bit_asked_for_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/633: root creates a group-executable setgid file in a setgid dir."""
+    def steps(mnt: Path) -> str:
+        (mnt / "sg").mkdir()
+        os.chmod(mnt / "sg", 0o2777)
+        os.close(os.open(mnt / "sg" / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o2010))
+        return oct(stat.S_IMODE(os.stat(mnt / "sg" / "f").st_mode))
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == "0o2010"

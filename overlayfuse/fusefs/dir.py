@@ -63,7 +63,13 @@ def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) 
     gid = caller.gid
     if os.fstat(parent_fd).st_mode & stat.S_ISGID:
         gid = -1  # the backing filesystem already gave it the directory's group
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     os.chown(name, caller.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+        # chown clears setuid/setgid (setgid only with group-exec) even for root, but the
+        # mode the kernel sent is final (it already dropped what the caller may not set):
+        # xfstests generic/633
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dirfd)
 
 
 def lower_positive(ovl: Overlay, parent: Node, name: bytes) -> bool:
