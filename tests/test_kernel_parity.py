@@ -356,7 +356,11 @@ def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
         (mnt / "gone").write_bytes(b"deleted\n")
         (mnt / "moved").write_bytes(b"renamed\n")
         names = ["d", "d/sub", "d/sub/f", "gone", "moved", "low"]
+        (mnt / "held").write_bytes(b"unlinked, open\n")
+        names.append("held")
         handles = {name: _name_to_handle(mnt / name) for name in names}
+        held = os.open(mnt / "held", os.O_RDONLY)
+        (mnt / "held").unlink()
         (mnt / "gone").unlink()
         os.rename(mnt / "moved", mnt / "d" / "moved")
         with open(mnt / "low", "ab") as f:  # copy-up of the lower file after its handle
@@ -367,11 +371,12 @@ def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
             return {name: _read_by_handle(mnt_fd, handles[name]) for name in names}
         finally:
             os.close(mnt_fd)
+            os.close(held)
 
     with both(tmp_path, kernel_extra=("nfs_export=on",)) as mounts:
         assert same(mounts, steps) == {
             "d": ["moved", "sub"], "d/sub": ["f"], "d/sub/f": b"deep\n", "gone": "ESTALE",
-            "moved": b"renamed\n", "low": b"lower\nmore\n"}
+            "moved": b"renamed\n", "low": b"lower\nmore\n", "held": b"unlinked, open\n"}
 
 
 def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:

@@ -70,8 +70,10 @@ def file_info(ovl: Overlay, fh: int) -> pyfuse3.FileInfo:
 
 
 def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
-    dirfd, name = ovl.location(node)
     flags = (flags & ~_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if node.parent is None and node.ino != ROOT:
+        return _reopen_nameless(ovl, node, flags)
+    dirfd, name = ovl.location(node)
     if node.upper and node.index is None and node.ino != ROOT:  # the mount's atime option
         if ovl.config.atime == "noatime":
             try:  # only the owner or CAP_FOWNER may ask for it
@@ -88,6 +90,15 @@ def open_backing(ovl: Overlay, node: Node, flags: int) -> int:
         except PermissionError:
             pass
     return os.open(name, flags, dir_fd=dirfd)
+
+
+def _reopen_nameless(ovl: Overlay, node: Node, flags: int) -> int:
+    """An unlinked file still open elsewhere, opened again through a file handle
+    (xfstests generic/467): reopen the data through an fd this daemon already holds."""
+    held = ovl.open_fd(node, writable_layer=(flags & os.O_ACCMODE) != os.O_RDONLY)
+    if held < 0:
+        raise pyfuse3.FUSEError(errno.ESTALE)
+    return os.open(f"/proc/self/fd/{held}", flags & ~os.O_NOFOLLOW)
 
 
 async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
