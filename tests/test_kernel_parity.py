@@ -6,13 +6,18 @@ with ``remount`` among the options) makes the mount read-only and back; a rename
 file leaves that file readable through its descriptor; an O_DIRECT write is seen by a buffered
 read that had the old data cached; a read leaves a lower file's atime alone and updates an
 upper file's as relatime does; POSIX ACLs on the layers grant and deny access to another user;
-an open file whose last name is gone keeps its xattrs and takes writes.
+an open file whose last name is gone keeps its xattrs and takes writes; a file handle
+(``name_to_handle_at``) still opens its file or directory once the kernel evicted the inode
+(the kernel's overlay with ``nfs_export=on``), and a deleted file's handle is stale.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import mmap
 import os
+import stat
 import struct
 import subprocess
 import time
@@ -30,7 +35,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need 
 
 @contextlib.contextmanager
 def both(tmp_path: Path, extra: tuple[str, ...] = (),
-         lower_atime: float | None = None) -> Iterator[list[tuple[str, Path]]]:
+         lower_atime: float | None = None,
+         kernel_extra: tuple[str, ...] = ()) -> Iterator[list[tuple[str, Path]]]:
     """A kernel overlay and an overlayfuse mount over copies of the same one-file lower."""
     k, f = make_layers(tmp_path / "k", 1), make_layers(tmp_path / "f", 1)
     for layers in (k, f):
@@ -38,7 +44,7 @@ def both(tmp_path: Path, extra: tuple[str, ...] = (),
         low.write_bytes(b"lower\n")
         if lower_atime is not None:
             os.utime(low, (lower_atime, time.time()))
-    kopts = ",".join(("redirect_dir=on", "index=on") + extra)
+    kopts = ",".join(("redirect_dir=on", "index=on") + extra + kernel_extra)
     with kernel_overlay(k.lowers, k.upper, k.work, k.mnt, kopts), \
             overlayfuse_mount(f.lowers, f.upper, f.work, f.mnt, extra=extra):
         yield [("kernel", k.mnt), ("overlayfuse", f.mnt)]
@@ -115,6 +121,35 @@ def test_rename_over_an_open_file_keeps_it_readable(tmp_path: Path) -> None:
         assert same(mounts, steps) == [0, 9, b"old data\n", b"new data\n"]
 
 
+def test_rename_over_an_open_directory_keeps_it_statable(tmp_path: Path) -> None:
+    """xfstests generic/035: with zero-message dirs the daemon never hears of the open."""
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "a").mkdir()
+        (mnt / "b").mkdir()
+        fd = os.open(mnt / "b", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename(mnt / "a", mnt / "b")
+            st = os.fstat(fd)
+            return [st.st_nlink, stat_type(st.st_mode), outcome(os.listdir, fd)]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, "dir", []]
+
+
+def test_rename_whiteout_refused_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/078: the kernel's overlay takes only NOREPLACE and EXCHANGE."""
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "a").write_bytes(b"a\n")
+        rename = _libc.renameat2
+        got = rename(-100, os.fsencode(mnt / "a"), -100, os.fsencode(mnt / "b"), 4)
+        return [got, errno.errorcode.get(ctypes.get_errno()), sorted(os.listdir(mnt))]
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [-1, "EINVAL", ["a", "low"]]
+
+
 def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
     def steps(mnt: Path) -> list[bytes]:
         (mnt / "d").write_bytes(b"\0" * 8192)
@@ -134,6 +169,47 @@ def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
         assert same(mounts, steps) == [b"\0" * 4, b"YYYY", b"lower\n"]
 
 
+def _aio_pwrite(fd: int, buf: mmap.mmap, off: int) -> int:
+    """One asynchronous write through io_submit (x86_64 syscall numbers), waited for."""
+    ctx = ctypes.c_ulong(0)
+    if _libc.syscall(206, 1, ctypes.byref(ctx)) != 0:  # io_setup
+        raise OSError(ctypes.get_errno(), "io_setup")
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        iocb = ctypes.create_string_buffer(struct.pack(
+            "<QIIHhIQQqQII", 0, 0, 0, 1, 0, fd, addr, len(buf), off, 0, 0, 0), 64)  # PWRITE
+        iocbs = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
+        if _libc.syscall(209, ctx, 1, iocbs) != 1:  # io_submit
+            raise OSError(ctypes.get_errno(), "io_submit")
+        event = ctypes.create_string_buffer(32)
+        if _libc.syscall(208, ctx, 1, 1, event, None) != 1:  # io_getevents
+            raise OSError(ctypes.get_errno(), "io_getevents")
+        return struct.unpack("<QQqq", event.raw)[2]
+    finally:
+        _libc.syscall(207, ctx)  # io_destroy
+
+
+def test_async_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
+    """xfstests generic/451: the kernel's FUSE drops stale pages only after a synchronous
+    direct write; after io_submit the daemon must."""
+    def steps(mnt: Path) -> list[Any]:
+        (mnt / "d").write_bytes(b"U" * 65536)
+        cached = os.open(mnt / "d", os.O_RDONLY)
+        fd = os.open(mnt / "d", os.O_RDWR | os.O_DIRECT)
+        try:
+            before = os.pread(cached, 4, 0)
+            with mmap.mmap(-1, 4096) as buf:
+                buf.write(b"a" * 4096)
+                written = _aio_pwrite(fd, buf, 0)
+            return [before, written, os.pread(cached, 4, 0), os.pread(cached, 4, 4096)]
+        finally:
+            os.close(fd)
+            os.close(cached)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [b"UUUU", 4096, b"aaaa", b"UUUU"]
+
+
 def test_atime_like_the_kernel(tmp_path: Path) -> None:
     old = 946684800  # 2000-01-01: older than the mtime, so relatime updates it
 
@@ -146,6 +222,33 @@ def test_atime_like_the_kernel(tmp_path: Path) -> None:
 
     with both(tmp_path, lower_atime=old) as mounts:
         assert same(mounts, steps) == [False, True]
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("relatime", [True, False]), ("strictatime", [True, True]), ("noatime", [False, False])])
+def test_atime_mount_options_like_the_kernel(tmp_path: Path, mode: str,
+                                             expected: list[bool]) -> None:
+    """The mount's atime option decides for upper files; a read never changes a ctime."""
+    def steps(mnt: Path) -> list[Any]:
+        up = mnt / "up"
+        up.write_bytes(b"upper\n")
+        now = time.time()
+        changed = []
+        # first atime older than the mtime (relatime updates it), then newer than mtime and
+        # ctime (relatime leaves it)
+        for atime in (now - 200, now + 100):
+            os.utime(up, (atime, now - 100))
+            before = os.stat(up)
+            up.read_bytes()
+            after = os.stat(up)
+            changed.append(after.st_atime_ns != before.st_atime_ns)
+            assert after.st_ctime_ns == before.st_ctime_ns
+        low = os.stat(mnt / "low").st_atime_ns
+        (mnt / "low").read_bytes()
+        return changed + [os.stat(mnt / "low").st_atime_ns == low]
+
+    with both(tmp_path, (mode,), lower_atime=946684800) as mounts:
+        assert same(mounts, steps) == expected + [True]
 
 
 _ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 1, 2, 4, 0x10, 0x20
@@ -211,3 +314,146 @@ def test_unlinked_open_file_keeps_xattrs_and_writes(tmp_path: Path) -> None:
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == [b"v", "ok", ["user.k", "user.n"], 4, b"more\n"]
+
+
+def stat_type(mode: int) -> str:
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def _name_to_handle(path: Path) -> _FileHandle:
+    handle, mount_id = _FileHandle(handle_bytes=128), ctypes.c_int()
+    if _libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(handle),
+                               ctypes.byref(mount_id), 0) != 0:
+        raise OSError(ctypes.get_errno(), "name_to_handle_at")
+    return handle
+
+
+def _read_by_handle(mnt_fd: int, handle: _FileHandle) -> Any:
+    """What the handle opens: a file's data, a directory's listing, or the errno's name."""
+    fd = _libc.open_by_handle_at(mnt_fd, ctypes.byref(handle), os.O_RDONLY)
+    if fd < 0:
+        return errno.errorcode[ctypes.get_errno()]
+    try:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            return sorted(os.listdir(fd))
+        return os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> dict[str, Any]:
+        (mnt / "d" / "sub").mkdir(parents=True)
+        (mnt / "d" / "sub" / "f").write_bytes(b"deep\n")
+        (mnt / "gone").write_bytes(b"deleted\n")
+        (mnt / "moved").write_bytes(b"renamed\n")
+        names = ["d", "d/sub", "d/sub/f", "gone", "moved", "low"]
+        (mnt / "held").write_bytes(b"unlinked, open\n")
+        names.append("held")
+        handles = {name: _name_to_handle(mnt / name) for name in names}
+        held = os.open(mnt / "held", os.O_RDONLY)
+        (mnt / "held").unlink()
+        (mnt / "gone").unlink()
+        os.rename(mnt / "moved", mnt / "d" / "moved")
+        with open(mnt / "low", "ab") as f:  # copy-up of the lower file after its handle
+            f.write(b"more\n")
+        Path("/proc/sys/vm/drop_caches").write_text("2")  # the kernel forgets the inodes
+        mnt_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {name: _read_by_handle(mnt_fd, handles[name]) for name in names}
+        finally:
+            os.close(mnt_fd)
+            os.close(held)
+
+    with both(tmp_path, kernel_extra=("nfs_export=on",)) as mounts:
+        assert same(mounts, steps) == {
+            "d": ["moved", "sub"], "d/sub": ["f"], "d/sub/f": b"deep\n", "gone": "ESTALE",
+            "moved": b"renamed\n", "low": b"lower\nmore\n", "held": b"unlinked, open\n"}
+
+
+def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/477: handles taken before an unmount open their files after it."""
+    def take(mnt: Path) -> dict[str, _FileHandle]:
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"kept\n")
+        return {name: _name_to_handle(mnt / name) for name in ("d", "d/f", "low")}
+
+    def use(mnt: Path, handles: dict[str, _FileHandle]) -> dict[str, Any]:
+        mnt_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {name: _read_by_handle(mnt_fd, h) for name, h in handles.items()}
+        finally:
+            os.close(mnt_fd)
+
+    results = {}
+    for name in ("kernel", "overlayfuse"):
+        layers = make_layers(tmp_path / name, 1)
+        (layers.lowers[0] / "low").write_bytes(b"lower\n")
+        for round_ in ("take", "use"):
+            if name == "kernel":
+                ctx = kernel_overlay(layers.lowers, layers.upper, layers.work, layers.mnt,
+                                     "redirect_dir=on,index=on,nfs_export=on")
+            else:
+                ctx = overlayfuse_mount(layers.lowers, layers.upper, layers.work, layers.mnt)
+            with ctx:
+                if round_ == "take":
+                    handles = take(layers.mnt)
+                else:
+                    results[name] = use(layers.mnt, handles)
+    assert results["overlayfuse"] == results["kernel"] == {
+        "d": ["f"], "d/f": b"kept\n", "low": b"lower\n"}, results
+
+
+def test_setting_an_acl_clears_sgid_outside_the_group_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/375: the owner sets an access ACL; setgid stays only for a member of
+    the file's group."""
+    acl = _acl((_ACL_USER_OBJ, 7, _NO_ID), (_ACL_GROUP_OBJ, 7, _NO_ID), (_ACL_OTHER, 7, _NO_ID))
+
+    def set_acl_as(fd: int, gid: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(12345)
+                os.setxattr(fd, "system.posix_acl_access", acl)
+                os._exit(0)
+            except BaseException:  # noqa: BLE001
+                os._exit(1)
+        return os.waitpid(pid, 0)[1]
+
+    def steps(mnt: Path) -> list[Any]:
+        out = []
+        for name, gid in (("member", 12345), ("outsider", 54321)):
+            (mnt / name).write_bytes(b"x\n")
+            os.chown(mnt / name, 12345, 12345)
+            os.chmod(mnt / name, 0o2755)
+            fd = os.open(mnt / name, os.O_RDONLY)
+            try:
+                out += [set_acl_as(fd, gid), oct(stat.S_IMODE(os.stat(mnt / name).st_mode))]
+            finally:
+                os.close(fd)
+        return out
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, "0o2777", 0, "0o777"]
+
+
+def test_create_keeps_the_setgid_bit_asked_for_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/633: root creates a group-executable setgid file in a setgid dir."""
+    def steps(mnt: Path) -> str:
+        (mnt / "sg").mkdir()
+        os.chmod(mnt / "sg", 0o2777)
+        os.close(os.open(mnt / "sg" / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o2010))
+        return oct(stat.S_IMODE(os.stat(mnt / "sg" / "f").st_mode))
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == "0o2010"

@@ -345,6 +345,8 @@ def test_copy_up_leaves_no_temp_behind(system: str, layers: Layers) -> None:
                   for d, _, files in os.walk(layers.upper) for n in files}
     for d, _, files in os.walk(layers.work):
         for n in files:
+            if d == str(layers.work) and n == "overlayfuse-handles":
+                continue  # not a copy: the names file handles need after a remount (export.py)
             st = os.lstat(os.path.join(d, n))
             if stat.S_ISREG(st.st_mode):
                 assert st.st_ino in upper_inos, f"stray file in the work dir: {d}/{n}"

@@ -8,6 +8,7 @@ from typing import Sequence
 from ..probe import probe as run_probe
 from ..probe import deferred_signals, fuse_preconditions, probe_dir_for, unmount_fuse
 from ..errors import OverlayfuseError
+from ..fusefs import atime
 from ..spec import OverlaySpec, last_wins
 from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
                    wait_forwarding)
@@ -41,6 +42,8 @@ def fuse_mount_options(other: Sequence[str] = (), as_root: bool | None = None) -
             continue
         if item not in ("rw", "async", "atime", "exec"):  # the defaults: nothing to say
             opts.append(item)
+    if atime.mode_of(other) == "strictatime":
+        opts.append("strictatime")  # for the daemon (fusefs/atime.py); libfuse never sees it
     for item in other:
         key = item.partition("=")[0]
         if (item in FUSE_PASSED or key in FUSE_PASSED_KEYS) and item not in opts:

@@ -20,7 +20,7 @@ from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
-from . import index, transport
+from . import atime, export, index, transport
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -91,7 +91,7 @@ def _detach(debug: bool) -> None:
 def fuse_option_set(spec: OverlaySpec, fuse_options: Sequence[str], debug: bool) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.update(("fsname=overlayfuse", "subtype=overlayfuse"))
-    opts.update(fuse_options)
+    opts.update(o for o in fuse_options if o not in atime.DAEMON_ONLY)
     if spec.readonly:
         opts.add("ro")
     if debug:
@@ -126,12 +126,19 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     target = os.path.realpath(mountpoint)  # now: once mounted, a path walk into it would hang
-    ovl = Overlay(spec, Config.for_spec(spec, as_root=os.geteuid() == 0))
+    config = Config.for_spec(spec, as_root=os.geteuid() == 0)
+    config.atime = atime.mode_of(fuse_options)
+    if config.atime == "strictatime":
+        config.keep_cache = False  # each open's reads must reach the daemon to touch atime
+    ovl = Overlay(spec, config)
     try:
         index.verify(ovl)
     except (OverlayfuseError, OSError):
         ovl.close()
         raise
+    if config.atime == "strictatime" and ovl.upper is not None:
+        ovl.strict_fd = atime.strict_clone(ovl.upper.root_fd)
+    export.load_names(ovl)
     zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
@@ -148,6 +155,7 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         trio.run(_main, caller_fd)
     finally:
         pyfuse3.close(unmount=True)
+        export.save_names(ovl)
         ovl.close()
 
 

@@ -65,7 +65,13 @@ def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) 
     gid = caller.gid
     if os.fstat(parent_fd).st_mode & stat.S_ISGID:
         gid = -1  # the backing filesystem already gave it the directory's group
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     os.chown(name, caller.uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+        # chown clears setuid/setgid (setgid only with group-exec) even for root, but the
+        # mode the kernel sent is final (it already dropped what the caller may not set):
+        # xfstests generic/633
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dirfd)
 
 
 def _own_override(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> bool:
@@ -264,8 +270,7 @@ def _remove_entry(ovl: Overlay, parent: Node, name: bytes, node: Node) -> None:
     udir = ensure_upper_dir(ovl, parent)
     need_whiteout = lower_positive(ovl, parent, name)
     in_upper = _lstat(udir, name) is not None  # this name, not the inode: hard links differ
-    if ovl.inofiles is not None:
-        ovl.inofiles.pin(node)  # the kernel may still have it open, and no fd of its own here
+    ovl.keep_reachable(node)  # the kernel may still have it open, and no fd of its own here
     if not in_upper and node.kind == stat.S_IFREG and links > 1:
         copy_up_to_index(ovl, node)
     with index.Counting(ovl, node, -1):
@@ -346,6 +351,8 @@ def _prepare_moved_dir(ovl: Overlay, node: Node, udir: int, name: bytes, new_par
 
 def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
            flags: int) -> None:
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise pyfuse3.FUSEError(errno.EINVAL)  # as the kernel's ovl_rename: no RENAME_WHITEOUT
     ovl.require_writable()
     check_name(new_name)
     if new_name.startswith(fmt.WH_PREFIX):
@@ -389,8 +396,8 @@ def rename(ovl: Overlay, old_parent: Node, old_name: bytes, new_parent: Node, ne
         ovl.dirfds.forget_tree(0, join(new_parent.upath(), new_name))
     if dst is not None and upper_dst is None and dst.kind == stat.S_IFREG and dst_links > 1:
         copy_up_to_index(ovl, dst)  # its other names must keep a true link count
-    if dst is not None and ovl.inofiles is not None:
-        ovl.inofiles.pin(dst)  # replaced, maybe still open (see _remove_entry)
+    if dst is not None:
+        ovl.keep_reachable(dst)  # replaced, maybe still open (see _remove_entry)
     with index.Counting(ovl, dst, -1) if dst is not None else contextlib.nullcontext():
         if upper_dst is not None and src.is_dir and not stat.S_ISDIR(upper_dst.st_mode):
             # a directory cannot replace the whiteout: swap them, then keep or drop the whiteout

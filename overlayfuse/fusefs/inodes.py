@@ -20,6 +20,7 @@ from .numbermap import NumberMap
 
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
+GONE_SIZE = 65536  # forgotten node ids whose last name is kept for open_by_handle_at
 _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
 
 
@@ -276,6 +277,10 @@ class InodeTable:
         self._cold_dirs: list[Node | None] = []  # serial -> directory with cold children
         self._free_serials: list[int] = []
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
+        # node id -> (parent node id, name, generation) of nodes the kernel forgot, newest
+        # last: a file handle names only the node id (export.py finds the node again)
+        self._gone: OrderedDict[int, tuple[int, bytes, int]] = OrderedDict()
+        self._scaffold: set[int] = set()  # node ids held only as parents of revived nodes
         self.root = root
 
     def __len__(self) -> int:
@@ -385,6 +390,7 @@ class InodeTable:
 
     def _drop_cold(self, parent: Node, i: int, ino: int) -> None:
         cold = parent.cold
+        self._remember(ino, parent.ino, cold.name(i), self._generations.pop(ino, 0))
         cold.remove(i)
         del self._cold[ino]
         if not cold:
@@ -400,6 +406,8 @@ class InodeTable:
         node = self._nodes.get(fresh.ino)
         if node is None:
             node = self._nodes[fresh.ino] = fresh
+            if self._gone:
+                self._gone.pop(fresh.ino, None)
         elif node is not fresh and self._reused(node, fresh):
             self._succeed(node, fresh)
             node = fresh
@@ -471,11 +479,68 @@ class InodeTable:
         """Free a node nobody refers to any more: memory stays bounded on huge trees."""
         if node.lookups > 0 or node.open_count > 0 or node.ino == ROOT:
             return
+        parents = [parent for parent, _ in node.aliases]
         if self._nodes.get(node.ino) is node:
             del self._nodes[node.ino]
-            self._generations.pop(node.ino, None)
+            generation = self._generations.pop(node.ino, 0)
+            self._scaffold.discard(node.ino)
+            if node.parent is not None:
+                self._remember(node.ino, node.parent.ino, node.name, generation)
             node.st = None
         self._unlink_names(node)
+        for parent in parents:  # a parent held only for a revived child goes with it
+            if parent.ino in self._scaffold and not parent.children:
+                self._scaffold.discard(parent.ino)
+                self.maybe_drop(parent)
+
+    def _remember(self, ino: int, parent: int, name: bytes, generation: int) -> None:
+        gone = self._gone
+        gone[ino] = (parent, name, generation)
+        gone.move_to_end(ino)
+        if len(gone) > GONE_SIZE:
+            gone.popitem(last=False)
+
+    def last_names(self, limit: int) -> list[tuple[int, int, bytes, int]]:
+        """(node id, parent id, name, generation) of the named nodes known now, then of the
+        forgotten ones, newest first, at most ``limit``: what a remount needs to find them."""
+        out = []
+        for node in self._nodes.values():
+            if node.parent is not None and len(out) < limit:
+                out.append((node.ino, node.parent.ino, node.name, self.generation(node)))
+        for parent in self._cold_dirs:
+            cold = parent.cold if parent is not None else None
+            for i in range(len(cold.counts)) if cold is not None else ():
+                if len(out) >= limit:
+                    break
+                ino = cold.ino(i)
+                if ino:
+                    out.append((ino, parent.ino, cold.name(i), self._generations.get(ino, 0)))
+        for ino in reversed(self._gone):
+            if len(out) >= limit:
+                break
+            if ino not in self._nodes:
+                out.append((ino, *self._gone[ino]))
+        return out
+
+    def restore_names(self, records: list[tuple[int, int, bytes, int]]) -> None:
+        """Records from ``last_names`` (newest first) of a previous mount, as forgotten nodes."""
+        for ino, parent, name, generation in reversed(records[:GONE_SIZE]):
+            if ino not in self._nodes:
+                self._remember(ino, parent, name, generation)
+
+    def recall(self, ino: int) -> tuple[int, bytes, int] | None:
+        """Where a forgotten node id was last seen: (parent node id, name, generation)."""
+        return self._gone.get(ino)
+
+    def hold_as_parent(self, node: Node) -> None:
+        """``node`` was brought back only to reach a revived child: the kernel holds no lookup
+        of it, so it is dropped with its last child rather than by a FORGET."""
+        if node.lookups <= 0:
+            self._scaffold.add(node.ino)
+
+    def restore_generation(self, node: Node, generation: int) -> None:
+        if generation:
+            self._generations[node.ino] = generation
 
     @staticmethod
     def _unlink_names(node: Node) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import attrs, dir as dirops, file as fileops, readdir as readdirops, xattrs
+from . import attrs, dir as dirops, export, file as fileops, readdir as readdirops, xattrs
 from .inofiles import InodeFiles
 from .namei import lookup
 from .overlay import Overlay
@@ -66,6 +66,7 @@ class OverlayOperations(pyfuse3.Operations):
         self.zero_opens = zero_opens
         if self.zero_dirs:
             self.inode_as_fh = True
+            ovl.pin_dirs = True
         if zero_opens:
             self.enable_atomic_o_trunc = False
             ovl.inofiles = InodeFiles(ovl)
@@ -80,11 +81,11 @@ class OverlayOperations(pyfuse3.Operations):
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
         ovl = self.ovl
-        parent = ovl.table.get(parent_inode)
-        if name == b".":
-            node = parent
+        if name == b".":  # the kernel asks for a node id by itself: a file handle (export.py)
+            node = export.revive(ovl, parent_inode)
             node.lookups += 1
             return attrs.getattr_node(ovl, node)
+        parent = ovl.table.get(parent_inode)
         if name == b"..":
             node = parent.parent or parent
             node.lookups += 1
@@ -98,11 +99,12 @@ class OverlayOperations(pyfuse3.Operations):
         return attrs.entry_attributes(ovl, node, st)
 
     async def forget(self, inode_list):
-        table, files = self.ovl.table, self.ovl.inofiles
+        ovl = self.ovl
+        table = ovl.table
         for ino, count in inode_list:
             table.forget(ino, count)
-            if files is not None and not table.holds(ino):
-                files.forget(ino)
+            if not table.holds(ino):
+                ovl.forget_inode(ino)
 
     @_errors
     async def getattr(self, inode, ctx=None):
@@ -201,7 +203,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if self.zero_opens:
             return await self.ovl.inofiles.write(self.ovl.table.get(fh), off, buf)
-        return fileops.write(self.ovl, fh, off, buf)
+        return await fileops.write(self.ovl, fh, off, buf)
 
     async def flush(self, fh):
         # nothing to do on close(); ENOSYS tells the kernel never to send FLUSH again,
@@ -262,7 +264,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
-        xattrs.setxattr(self.ovl, self.ovl.table.get(inode), name, value)
+        xattrs.setxattr(self.ovl, self.ovl.table.get(inode), name, value, ctx.pid)
 
     @_errors
     async def removexattr(self, inode, name, ctx):

@@ -31,6 +31,7 @@ class Config:
     entry_timeout: float = 86400.0
     attr_timeout: float = 86400.0
     keep_cache: bool = True
+    atime: str = "relatime"  # the mount's atime option (atime.py)
     as_root: bool = False
     owners: Owners = field(default_factory=Owners)  # uid/gid mapping and squashing
     static_nlink: bool = False  # every directory reports nlink 1 (fuse-overlayfs' option)
@@ -66,6 +67,7 @@ class Overlay:
         self.upper: Layer | None = self.layers[0] if spec.upperdir else None
         self.lower_indexes = [layer.index for layer in self.layers if not layer.is_upper]
         self.dirfds = DirFds(self.layers)
+        self.strict_fd = -1  # the upper root on a strictatime clone of its mount (atime.py)
         self.prefix = fmt.default_prefix(userxattr=spec.userxattr)
         self.overrides = Overrides(self.layers, self.upper is not None, config.xattr_permissions)
         devs: list[int] = []
@@ -82,6 +84,10 @@ class Overlay:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
+        # zero-message dirs: the daemon never hears of an open directory, so one that loses its
+        # last name keeps an O_PATH fd here until FORGET (fstat on it must still answer)
+        self.pin_dirs = False
+        self.pinned_dirs: dict[int, int] = {}
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
         self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
@@ -313,9 +319,35 @@ class Overlay:
             if handle.fd >= 0 and (not writable_layer
                                    or source is not None and (source[0] or source[1])):
                 return handle.fd
+        pinned = self.pinned_dirs.get(node.ino, -1) if self.pinned_dirs else -1
+        if pinned >= 0:
+            return pinned
         if self.inofiles is not None:  # zero-message opens: the fd pinned when it lost its name
             return self.inofiles.upper_fd(node) if writable_layer else self.inofiles.pinned_fd(node)
         return -1
+
+    def keep_reachable(self, node: Node) -> None:
+        """Before ``node`` loses a name that may be its last, while the kernel may have it open
+        without our knowing (zero-message opens or dirs): keep an fd that still reaches it."""
+        if self.inofiles is not None:
+            self.inofiles.pin(node)
+        elif self.pin_dirs and node.is_dir and node.ino not in self.pinned_dirs:
+            dirfd, name = self.location(node)
+            try:
+                self.pinned_dirs[node.ino] = os.open(
+                    name or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=dirfd)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EACCES, errno.ELOOP):
+                    raise
+
+    def forget_inode(self, ino: int) -> None:
+        """The kernel forgot an inode this daemon no longer holds: drop what reached it."""
+        if self.inofiles is not None:
+            self.inofiles.forget(ino)
+        fd = self.pinned_dirs.pop(ino, -1) if self.pinned_dirs else -1
+        if fd >= 0:
+            os.close(fd)
 
     def forget_handle(self, handle) -> None:
         """A file or directory handle is closed: no longer an fd for its inode."""
@@ -334,6 +366,11 @@ class Overlay:
             self.record.note()
 
     def close(self) -> None:
+        if self.strict_fd >= 0:
+            os.close(self.strict_fd)
+        for fd in self.pinned_dirs.values():
+            os.close(fd)
+        self.pinned_dirs.clear()
         if self.inofiles is not None:
             self.inofiles.close()
         self.dirfds.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import pyfuse3
 
@@ -89,7 +90,8 @@ def listxattr(ovl: Overlay, node: Node) -> list[bytes]:
     return [name for name in shown if name is not None and not ovl.overrides.hidden(name)]
 
 
-def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
+def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes,
+             caller_pid: int = 0) -> None:
     _require_xattrs(ovl)
     _refuse_override(ovl, name)
     ovl.require_writable()
@@ -97,6 +99,31 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes) -> None:
     ovl.changed(node)
     path, follow = _target(ovl, node, change=True)
     os.setxattr(path, _real_name(ovl, name), value, follow_symlinks=follow)
+    if name == ACL_ACCESS and caller_pid:
+        _kill_sgid_unless_in_group(path, follow, caller_pid)
+
+
+ACL_ACCESS = b"system.posix_acl_access"
+_CAP_FSETID = 1 << 4
+
+
+def _kill_sgid_unless_in_group(path, follow: bool, pid: int) -> None:
+    """Setting an access ACL clears the setgid bit when the caller is neither in the file's
+    group nor holds CAP_FSETID (the kernel's posix_acl_update_mode).  The kernel's FUSE asks
+    for that only through FUSE_SETXATTR_ACL_KILL_SGID, which pyfuse3's setxattr never sees,
+    and the daemon's own setxattr, as root, keeps the bit (xfstests generic/375)."""
+    st = os.stat(path, follow_symlinks=follow)
+    if stat.S_ISLNK(st.st_mode) or not st.st_mode & stat.S_ISGID:
+        return
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        groups = {int(g) for g in fields["Groups"].split()} | {int(fields["Gid"].split()[1])}
+        capable = int(fields["CapEff"], 16) & _CAP_FSETID
+    except (OSError, KeyError, ValueError, IndexError):
+        return  # the caller is gone: nobody to judge
+    if st.st_gid not in groups and not capable:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)  # not a symlink: checked
 
 
 def removexattr(ovl: Overlay, node: Node, name: bytes) -> None:
