@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import errno
 import stat
+import struct
 from array import array
 from collections import OrderedDict
 
@@ -20,7 +21,8 @@ from .numbermap import NumberMap
 
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
-GONE_SIZE = 65536  # forgotten node ids whose last name is kept for open_by_handle_at
+GONE_SIZE = 16384  # forgotten node ids whose last name is kept for open_by_handle_at
+_GONE = struct.Struct("<QI")  # a forgotten node's parent id and generation; then its name
 _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
 
 
@@ -279,7 +281,7 @@ class InodeTable:
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
         # node id -> (parent node id, name, generation) of nodes the kernel forgot, newest
         # last: a file handle names only the node id (export.py finds the node again)
-        self._gone: OrderedDict[int, tuple[int, bytes, int]] = OrderedDict()
+        self._gone: OrderedDict[int, bytes] = OrderedDict()  # packed: _GONE, then the name
         self._scaffold: set[int] = set()  # node ids held only as parents of revived nodes
         self.root = root
 
@@ -325,19 +327,24 @@ class InodeTable:
     # -- cold entries ------------------------------------------------------------------------
     def stays_cold(self, parent: Node, name: bytes, fresh: Node) -> bool:
         """May the kernel's lookup of ``name`` -> ``fresh`` be counted as a cold entry: a plain
-        file (cold_meta) whose number is new here, or is already the same cold entry?"""
+        file (cold_meta) whose number is new here, or is already the same cold entry?  If so,
+        ``fresh`` gets its parent and name, unbound: the reply's attributes are read through
+        its location (an override xattr, attrs.stored_override)."""
         meta = cold_meta(fresh)
         if meta < 0 or fresh.ino in self._nodes:
             return False
         where = self._cold_parent(fresh.ino)
         if where is None:
             children = parent.children
-            return children is None or name not in children
-        if where is not parent:
+            cold = children is None or name not in children
+        elif where is not parent:
             return False
-        cold = parent.cold
-        i = cold.pos(fresh.ino)
-        return cold.meta[i] == meta and cold.name(i) == name
+        else:
+            i = parent.cold.pos(fresh.ino)
+            cold = parent.cold.meta[i] == meta and parent.cold.name(i) == name
+        if cold:
+            fresh.parent, fresh.name = parent, name
+        return cold
 
     def count_cold(self, parent: Node, name: bytes, fresh: Node) -> None:
         """One more kernel lookup of a result ``stays_cold`` accepted."""
@@ -495,7 +502,7 @@ class InodeTable:
 
     def _remember(self, ino: int, parent: int, name: bytes, generation: int) -> None:
         gone = self._gone
-        gone[ino] = (parent, name, generation)
+        gone[ino] = _GONE.pack(parent, generation) + name
         gone.move_to_end(ino)
         if len(gone) > GONE_SIZE:
             gone.popitem(last=False)
@@ -519,7 +526,7 @@ class InodeTable:
             if len(out) >= limit:
                 break
             if ino not in self._nodes:
-                out.append((ino, *self._gone[ino]))
+                out.append((ino, *self.recall(ino)))
         return out
 
     def restore_names(self, records: list[tuple[int, int, bytes, int]]) -> None:
@@ -530,7 +537,11 @@ class InodeTable:
 
     def recall(self, ino: int) -> tuple[int, bytes, int] | None:
         """Where a forgotten node id was last seen: (parent node id, name, generation)."""
-        return self._gone.get(ino)
+        packed = self._gone.get(ino)
+        if packed is None:
+            return None
+        parent, generation = _GONE.unpack_from(packed)
+        return parent, packed[_GONE.size:], generation
 
     def hold_as_parent(self, node: Node) -> None:
         """``node`` was brought back only to reach a revived child: the kernel holds no lookup
