@@ -58,7 +58,9 @@ def lower_links(lower: Path) -> None:
         os.link(lower / f"a{i}", lower / f"b{i}")
 
 
-# Each workload prints "go" once it has started, then works until done or killed.
+# Each workload prints "go" once it has started (in the loops: after the number of steps given
+# as its second argument, so the kill falls in the middle however fast the daemon is), then
+# works until done or killed.
 WORKLOADS = {
     "rename-lower-dirs": (lower_dirs, f"""
 for i in range({DIRS}):
@@ -79,12 +81,11 @@ for i in range({DIRS}):
     go()"""),
 }
 PRELUDE = """import os, shutil, sys
-m = sys.argv[1]
-started = False
+m, steps = sys.argv[1], int(sys.argv[2])
 def go():
-    global started
-    if not started:
-        started = True
+    global steps
+    steps -= 1
+    if steps == 0:
         print("go", flush=True)
 """
 
@@ -140,11 +141,13 @@ def mount_background(layers: Layers) -> int:
 
 def kill_while_working(layers: Layers, script: str, rng: random.Random) -> None:
     pid = mount_background(layers)
-    worker = subprocess.Popen([sys.executable, "-c", PRELUDE + script, str(layers.mnt)],
+    steps = rng.randint(1, DIRS // 2) if "for i in" in script else 1
+    worker = subprocess.Popen([sys.executable, "-c", PRELUDE + script, str(layers.mnt),
+                               str(steps)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert worker.stdout is not None and worker.stdout.readline() == "go\n"
-        time.sleep(rng.uniform(0.005, 0.15))
+        time.sleep(rng.uniform(0, 0.02))
         os.kill(pid, signal.SIGKILL)
         assert wait_gone(pid)
     finally:
