@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
 import pytest
 
 from helpers import outcome, ovf
@@ -457,3 +458,35 @@ def test_create_keeps_the_setgid_bit_asked_for_like_the_kernel(tmp_path: Path) -
 
     with both(tmp_path) as mounts:
         assert same(mounts, steps) == "0o2010"
+
+
+def _new_entry_modes(mnt: Path, where: str) -> list[str]:
+    """Modes of a file, a dir and a fifo made under umask 022 in ``where`` (made here)."""
+    base = mnt / where
+    base.mkdir()
+    if where == "acl":  # a default ACL replaces the umask (POSIX.1e), as on a local fs
+        os.setxattr(base, "system.posix_acl_default", _acl(
+            (_ACL_USER_OBJ, 7, _NO_ID), (_ACL_GROUP_OBJ, 7, _NO_ID), (_ACL_OTHER, 7, _NO_ID)))
+    old = os.umask(0o022)
+    try:
+        os.close(os.open(base / "file", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(base / "dir", 0o777)
+        os.mkfifo(base / "fifo", 0o666)
+    finally:
+        os.umask(old)
+    return [oct(stat.S_IMODE(os.lstat(base / n).st_mode)) for n in ("file", "dir", "fifo")]
+
+
+def test_umask_applies_to_new_entries_like_the_kernel(tmp_path: Path) -> None:
+    with both(tmp_path) as mounts:
+        assert same(mounts, lambda m: _new_entry_modes(m, "plain")) == ["0o644", "0o755",
+                                                                       "0o644"]
+
+
+@pytest.mark.skipif(not hasattr(pyfuse3.Operations, "enable_dont_mask"),
+                    reason="stock pyfuse3: the kernel applies the umask before the daemon "
+                           "sees the mode (FUSE_CAP_DONT_MASK: tools/pyfuse3/dont-mask.patch)")
+def test_default_acl_replaces_the_umask_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/099, 319, 444: under a default ACL the umask does not apply."""
+    with both(tmp_path) as mounts:
+        assert same(mounts, lambda m: _new_entry_modes(m, "acl")) == ["0o666", "0o777", "0o666"]

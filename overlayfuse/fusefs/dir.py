@@ -39,22 +39,36 @@ def renameat2(src_dir: int, src: bytes, dst_dir: int, dst: bytes, flags: int = 0
 
 class Caller:
     """Who asked: as root the new entry gets the caller's uid/gid (setgid dirs keep theirs),
-    as on-disk IDs: the request's IDs go back through ``uidmapping=``/``gidmapping=``."""
+    as on-disk IDs: the request's IDs go back through ``uidmapping=``/``gidmapping=``.
+    ``umask`` is the caller's, for the modes of new entries (``masked``)."""
 
-    def __init__(self, uid: int, gid: int) -> None:
-        self.uid, self.gid = uid, gid
+    def __init__(self, uid: int, gid: int, umask: int = 0) -> None:
+        self.uid, self.gid, self.umask = uid, gid, umask
+
+    def masked(self, udir: int, mode: int) -> int:
+        """The mode for a new entry in the upper dir ``udir``: the caller's umask applies
+        unless the dir has a default ACL, which replaces it (the backing filesystem applies
+        that one).  Where the kernel already applied the umask (no FUSE_CAP_DONT_MASK, or no
+        ACLs), applying it again changes nothing."""
+        if not self.umask or not mode & self.umask:
+            return mode
+        try:
+            os.getxattr(fmt.proc_path(udir, b""), "system.posix_acl_default")
+            return mode
+        except OSError:  # ENODATA: none; ENOTSUP: no ACLs there
+            return mode & ~self.umask
 
     @classmethod
-    def of_request(cls, ovl: Overlay, uid: int, gid: int) -> "Caller":
+    def of_request(cls, ovl: Overlay, uid: int, gid: int, umask: int = 0) -> "Caller":
         """The caller of a request.  One whose ID no range maps (the host's root preparing a
         container's tree: podman makes /etc/mtab so) creates entries owned by the overflow
         ID on disk, as fuse-overlayfs does: refusing would break the container engines."""
         if not ovl.config.as_root and not ovl.overrides.active:
-            return cls(uid, gid)  # new entries belong to the daemon's user anyway
+            return cls(uid, gid, umask)  # new entries belong to the daemon's user anyway
         owners = ovl.config.owners
         disk_uid, disk_gid = owners.disk_uid(uid), owners.disk_gid(gid)
         return cls(owners.overflow_uid if disk_uid is None else disk_uid,
-                   owners.overflow_gid if disk_gid is None else disk_gid)
+                   owners.overflow_gid if disk_gid is None else disk_gid, umask)
 
 
 def _own(ovl: Overlay, dirfd: int, name: bytes, parent_fd: int, caller: Caller) -> None:
@@ -159,8 +173,9 @@ def create(ovl: Overlay, parent: Node, name: bytes, mode: int, flags: int,
         | os.O_NOFOLLOW | os.O_CLOEXEC
     opened: list[int] = []
 
-    def make(entry: bytes, where: int) -> None:
-        opened.append(os.open(entry, oflags, stat.S_IMODE(mode), dir_fd=where))
+    def make(entry: bytes, where: int, udir: int) -> None:
+        opened.append(os.open(entry, oflags, caller.masked(udir, stat.S_IMODE(mode)),
+                              dir_fd=where))
 
     try:
         node, st = _make_node_at(ovl, parent, name, make, caller)
@@ -173,12 +188,13 @@ def create(ovl: Overlay, parent: Node, name: bytes, mode: int, flags: int,
 
 def mkdir(ovl: Overlay, parent: Node, name: bytes, mode: int, caller: Caller) -> tuple[Node, os.stat_result]:
     udir, over_whiteout = _prepare_new(ovl, parent, name)
+    mode = caller.masked(udir, stat.S_IMODE(mode))
     if not over_whiteout:
-        os.mkdir(name, stat.S_IMODE(mode), dir_fd=udir)
+        os.mkdir(name, mode, dir_fd=udir)
         _own(ovl, udir, name, udir, caller)
         return _finish_new(ovl, parent, name)
     tmp = temp_name()
-    os.mkdir(tmp, stat.S_IMODE(mode), dir_fd=ovl.work_fd)
+    os.mkdir(tmp, mode, dir_fd=ovl.work_fd)
     try:
         _own(ovl, ovl.work_fd, tmp, udir, caller)
         # the lower dir of that name must not show through the new one
@@ -194,7 +210,7 @@ def mkdir(ovl: Overlay, parent: Node, name: bytes, mode: int, caller: Caller) ->
 def _make_node_at(ovl: Overlay, parent: Node, name: bytes, make, caller: Caller) -> tuple[Node, os.stat_result]:
     udir, over_whiteout = _prepare_new(ovl, parent, name)
     where, entry = (ovl.work_fd, temp_name()) if over_whiteout else (udir, name)
-    make(entry, where)
+    make(entry, where, udir)
     try:
         _own(ovl, where, entry, udir, caller)
         if over_whiteout:
@@ -208,13 +224,17 @@ def _make_node_at(ovl: Overlay, parent: Node, name: bytes, make, caller: Caller)
 def mknod(ovl: Overlay, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller) -> tuple[Node, os.stat_result]:
     if stat.S_ISCHR(mode) and rdev == 0:
         raise pyfuse3.FUSEError(errno.EPERM)  # a whiteout is never a user's file (as the kernel)
-    return _make_node_at(ovl, parent, name,
-                         lambda entry, where: os.mknod(entry, mode, rdev, dir_fd=where), caller)
+
+    def make(entry: bytes, where: int, udir: int) -> None:
+        os.mknod(entry, caller.masked(udir, mode), rdev, dir_fd=where)
+
+    return _make_node_at(ovl, parent, name, make, caller)
 
 
 def symlink(ovl: Overlay, parent: Node, name: bytes, target: bytes, caller: Caller) -> tuple[Node, os.stat_result]:
     return _make_node_at(ovl, parent, name,
-                         lambda entry, where: os.symlink(target, entry, dir_fd=where), caller)
+                         lambda entry, where, _udir: os.symlink(target, entry, dir_fd=where),
+                         caller)
 
 
 def link(ovl: Overlay, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:

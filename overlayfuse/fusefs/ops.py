@@ -39,7 +39,7 @@ def _errors(handler):
 
 
 def _caller(ovl: Overlay, ctx: pyfuse3.RequestContext) -> dirops.Caller:
-    return dirops.Caller.of_request(ovl, ctx.uid, ctx.gid)
+    return dirops.Caller.of_request(ovl, ctx.uid, ctx.gid, ctx.umask)
 
 
 class OverlayOperations(pyfuse3.Operations):
@@ -55,6 +55,8 @@ class OverlayOperations(pyfuse3.Operations):
         # as root, POSIX ACLs are honoured as on the kernel's overlay: the kernel checks them
         # (default_permissions is on anyway), the backing layers store and inherit them
         self.enable_acl = ovl.config.as_root and ovl.config.acl
+        # and the umask is ours then: a default ACL replaces it (dir.Caller.masked)
+        self.enable_dont_mask = self.enable_acl
         self._dirs: dict[int, readdirops.DirHandle] = {}
         self._next_dir = 1
         self.after_init: Callable[[], None] | None = None
