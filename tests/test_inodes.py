@@ -6,12 +6,13 @@ mkdir ESTALE of the load test, tests/test_load.py) and carry a new generation.
 """
 from __future__ import annotations
 
+import random
 import stat
 
 import pyfuse3
 import pytest
 
-from overlayfuse.fusefs.inodes import ROOT, InodeTable, Node, in_parent_lower
+from overlayfuse.fusefs.inodes import ROOT, ColdChildren, InodeTable, Node, in_parent_lower
 
 
 def _table() -> InodeTable:
@@ -150,3 +151,25 @@ def test_number_map_against_a_dict() -> None:
     for k in list(ref):
         del m[k]
     assert len(m) == 0 and all(k not in m for k in keys)
+
+
+def test_cold_children_of_a_huge_dir_are_found_through_their_index() -> None:
+    """Past ColdChildren.INDEXED entries, numbers and names are found by index (no scan per
+    entry: a second listing of a million-entry dir was quadratic), with removals and
+    compactions in between, as without the index."""
+    cold, alive = ColdChildren(), {}
+    count = ColdChildren.INDEXED * 2
+    for n in range(count):
+        cold.add(7 * n + 1, b"f%d" % n, 8)
+        alive[7 * n + 1] = b"f%d" % n
+    assert cold.by_ino is not None
+    for ino in random.Random(1).sample(sorted(alive), count * 2 // 3):  # compacts on the way
+        i = cold.pos(ino)
+        assert cold.ino(i) == ino and cold.find_name(alive[ino]) == i
+        cold.remove(i)
+        del alive[ino]
+    assert len(cold) == len(alive)
+    for ino, name in alive.items():
+        i = cold.pos(ino)
+        assert i >= 0 and cold.ino(i) == ino and cold.find_name(name) == i
+    assert cold.pos(5) == -1 and cold.find_name(b"nowhere") == -1
