@@ -84,10 +84,11 @@ class Overlay:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
-        # zero-message dirs: the daemon never hears of an open directory, so one that loses its
-        # last name keeps an O_PATH fd here until FORGET (fstat on it must still answer)
+        # an entry that loses a name the kernel may still use keeps an O_PATH fd until FORGET
+        # (keep_reachable): a file the kernel holds (an OPEN may race the unlink) and, with
+        # zero-message dirs (pin_dirs: no OPENDIR), a directory (fstat on it must answer)
         self.pin_dirs = False
-        self.pinned_dirs: dict[int, int] = {}
+        self.pinned: dict[int, int] = {}  # node id -> O_PATH fd kept since it lost a name
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
         self._uuids: dict[int, bytes] = {}
         self._lower_names: OrderedDict[tuple[int, bytes], frozenset[bytes]] = OrderedDict()
@@ -319,8 +320,8 @@ class Overlay:
             if handle.fd >= 0 and (not writable_layer
                                    or source is not None and (source[0] or source[1])):
                 return handle.fd
-        pinned = self.pinned_dirs.get(node.ino, -1) if self.pinned_dirs else -1
-        if pinned >= 0:
+        pinned = self.pinned.get(node.ino, -1) if self.pinned else -1
+        if pinned >= 0 and (not writable_layer or node.upper or node.index is not None):
             return pinned
         if self.inofiles is not None:  # zero-message opens: the fd pinned when it lost its name
             return self.inofiles.upper_fd(node) if writable_layer else self.inofiles.pinned_fd(node)
@@ -331,12 +332,14 @@ class Overlay:
         without our knowing (zero-message opens or dirs): keep an fd that still reaches it."""
         if self.inofiles is not None:
             self.inofiles.pin(node)
-        elif self.pin_dirs and node.is_dir and node.ino not in self.pinned_dirs:
+        elif node.ino not in self.pinned and (
+                self.pin_dirs and node.is_dir
+                # a file the kernel holds: an OPEN racing the unlink must still reach it
+                or node.kind == stat.S_IFREG and node.lookups > 0):
             dirfd, name = self.location(node)
             try:
-                self.pinned_dirs[node.ino] = os.open(
-                    name or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=dirfd)
+                self.pinned[node.ino] = os.open(
+                    name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.EACCES, errno.ELOOP):
                     raise
@@ -345,7 +348,7 @@ class Overlay:
         """The kernel forgot an inode this daemon no longer holds: drop what reached it."""
         if self.inofiles is not None:
             self.inofiles.forget(ino)
-        fd = self.pinned_dirs.pop(ino, -1) if self.pinned_dirs else -1
+        fd = self.pinned.pop(ino, -1) if self.pinned else -1
         if fd >= 0:
             os.close(fd)
 
@@ -368,9 +371,9 @@ class Overlay:
     def close(self) -> None:
         if self.strict_fd >= 0:
             os.close(self.strict_fd)
-        for fd in self.pinned_dirs.values():
+        for fd in self.pinned.values():
             os.close(fd)
-        self.pinned_dirs.clear()
+        self.pinned.clear()
         if self.inofiles is not None:
             self.inofiles.close()
         self.dirfds.close()
