@@ -434,7 +434,6 @@ class InodeTable:
 
     def _drop_cold(self, parent: Node, i: int, ino: int) -> None:
         cold = parent.cold
-        self._remember(ino, parent.ino, cold.name(i), self._generations.pop(ino, 0))
         cold.remove(i)
         del self._cold[ino]
         if not cold:
@@ -511,7 +510,8 @@ class InodeTable:
                 left = cold.counts[i] - count
                 if left > 0:
                     cold.counts[i] = left
-                else:
+                else:  # forgotten: its last name stays known, for file handles (export.py)
+                    self._remember(ino, parent.ino, cold.name(i), self._generations.pop(ino, 0))
                     self._drop_cold(parent, i, ino)
             return
         if ino == ROOT:
