@@ -380,6 +380,32 @@ def test_file_handles_survive_eviction_like_the_kernel(tmp_path: Path) -> None:
             "moved": b"renamed\n", "low": b"lower\nmore\n", "held": b"unlinked, open\n"}
 
 
+def test_file_handles_follow_the_other_link_like_the_kernel(tmp_path: Path) -> None:
+    """xfstests generic/426 -l then -u: a handle to a hard-linked file opens it by its other
+    name after the first one was unlinked, though the kernel forgot the inode in between
+    (and then knew it again only by the name that was unlinked)."""
+    def steps(mnt: Path) -> dict[str, Any]:
+        files = {"f": b"upper\n", "low": None}
+        (mnt / "f").write_bytes(b"upper\n")
+        handles = {name: _name_to_handle(mnt / name) for name in files}
+        for name in files:
+            os.link(mnt / name, mnt / f"{name}.link")
+        drop = Path("/proc/sys/vm/drop_caches")
+        drop.write_text("2")  # forgotten with both names known
+        for name in files:
+            os.stat(mnt / name)  # known again, by its first name only
+            os.unlink(mnt / name)
+        drop.write_text("2")
+        mnt_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {name: _read_by_handle(mnt_fd, handles[name]) for name in files}
+        finally:
+            os.close(mnt_fd)
+
+    with both(tmp_path, kernel_extra=("nfs_export=on",)) as mounts:
+        assert same(mounts, steps) == {"f": b"upper\n", "low": b"lower\n"}
+
+
 def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:
     """xfstests generic/477: handles taken before an unmount open their files after it."""
     def take(mnt: Path) -> dict[str, _FileHandle]:

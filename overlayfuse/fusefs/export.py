@@ -30,27 +30,46 @@ MAX_DEPTH = 4096  # a parent chain longer than any real path: a loop in stale re
 
 
 def revive(ovl: Overlay, ino: int) -> Node:
-    """The node of ``ino``, from the table or found again by its remembered name; ESTALE if
-    it is gone.  The node returned is not counted as looked up (the caller counts it)."""
+    """The node of ``ino``, from the table or found again by one of its remembered names;
+    ESTALE if it is gone.  The node returned is not counted as looked up (the caller counts it)."""
     table = ovl.table
-    chain: list[tuple[int, bytes, int]] = []
-    want = ino
+    node = table.find(ino)
+    if node is not None:
+        return node
+    record = table.recall(ino)
+    if record is None:
+        raise pyfuse3.FUSEError(errno.ESTALE)
+    generation, names = record
+    for parent_ino, name in names:  # a hard-linked file: the first name may be unlinked
+        found = _find_by_name(ovl, parent_ino, name, ino, generation)
+        if found is not None:
+            return found
+    raise pyfuse3.FUSEError(errno.ESTALE)
+
+
+def _find_by_name(ovl: Overlay, parent_ino: int, name: bytes, ino: int,
+                  generation: int) -> Node | None:
+    """``name`` in the dir ``parent_ino`` (itself found again through its parents' last
+    names), bound as ``ino`` if it still is that inode; None if it is not."""
+    table = ovl.table
+    chain: list[tuple[int, bytes, int]] = [(ino, name, generation)]
+    want = parent_ino
     node = table.find(want)
-    while node is None:
+    while node is None:  # directories have one name each: the chain up is a single path
         record = table.recall(want)
-        if record is None or len(chain) >= MAX_DEPTH:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        chain.append((want, record[1], record[2]))
-        want = record[0]
+        if record is None or not record[1] or len(chain) >= MAX_DEPTH:
+            return None
+        chain.append((want, record[1][0][1], record[0]))
+        want = record[1][0][0]
         node = table.find(want)
-    for child_ino, name, generation in reversed(chain):
-        found = resolve(ovl, node, name) if node.is_dir else None
+    for child_ino, child_name, child_generation in reversed(chain):
+        found = resolve(ovl, node, child_name) if node.is_dir else None
         if found is None or found[0].ino != child_ino:
             table.maybe_drop(node)  # parents brought back for nothing go again
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            return None
         table.hold_as_parent(node)
-        node = table.bind(node, name, found[0])
-        table.restore_generation(node, generation)
+        node = table.bind(node, child_name, found[0])
+        table.restore_generation(node, child_generation)
     return node
 
 

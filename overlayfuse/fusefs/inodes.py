@@ -22,7 +22,9 @@ from .numbermap import NumberMap
 ROOT = pyfuse3.ROOT_INODE
 STAT_CACHE_SIZE = 65536
 GONE_SIZE = 16384  # forgotten node ids whose last name is kept for open_by_handle_at
-_GONE = struct.Struct("<QI")  # a forgotten node's parent id and generation; then its name
+GONE_NAMES = 4  # names kept per forgotten node: a hard-linked file may have lost the others
+_GONE = struct.Struct("<I")  # a forgotten node's generation; then its names, newest first:
+_GONE_NAME = struct.Struct("<QH")  # the parent id and the length of one name, then the name
 _stats: OrderedDict = OrderedDict()  # ino -> os.stat_result, least recently used first
 
 
@@ -318,7 +320,7 @@ class InodeTable:
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
         # node id -> (parent node id, name, generation) of nodes the kernel forgot, newest
         # last: a file handle names only the node id (export.py finds the node again)
-        self._gone: OrderedDict[int, bytes] = OrderedDict()  # packed: _GONE, then the name
+        self._gone: OrderedDict[int, bytes] = OrderedDict()  # packed: _GONE, then its names
         self._scaffold: set[int] = set()  # node ids held only as parents of revived nodes
         self.root = root
 
@@ -448,9 +450,9 @@ class InodeTable:
             self._promote(fresh.ino)
         node = self._nodes.get(fresh.ino)
         if node is None:
+            # its record in _gone stays: if this node loses its names before it is forgotten
+            # again (a hard link's first name unlinked), the names it had before still lead to it
             node = self._nodes[fresh.ino] = fresh
-            if self._gone:
-                self._gone.pop(fresh.ino, None)
         elif node is not fresh and self._reused(node, fresh):
             self._succeed(node, fresh)
             node = fresh
@@ -511,7 +513,8 @@ class InodeTable:
                 if left > 0:
                     cold.counts[i] = left
                 else:  # forgotten: its last name stays known, for file handles (export.py)
-                    self._remember(ino, parent.ino, cold.name(i), self._generations.pop(ino, 0))
+                    self._remember(ino, [(parent.ino, cold.name(i))],
+                                   self._generations.pop(ino, 0))
                     self._drop_cold(parent, i, ino)
             return
         if ino == ROOT:
@@ -528,8 +531,10 @@ class InodeTable:
             del self._nodes[node.ino]
             generation = self._generations.pop(node.ino, 0)
             self._scaffold.discard(node.ino)
+            # every name it had: a hard link's first name may be unlinked while it is forgotten
+            # (a nameless node keeps the names it was last remembered by)
             if node.parent is not None:
-                self._remember(node.ino, node.parent.ino, node.name, generation)
+                self._remember(node.ino, [(p.ino, n) for p, n in node.aliases], generation)
             node.st = None
         self._unlink_names(node)
         for parent in parents:  # a parent held only for a revived child goes with it
@@ -537,20 +542,39 @@ class InodeTable:
                 self._scaffold.discard(parent.ino)
                 self.maybe_drop(parent)
 
-    def _remember(self, ino: int, parent: int, name: bytes, generation: int) -> None:
+    def _remember(self, ino: int, names: list[tuple[int, bytes]], generation: int) -> None:
+        """Keep the names a forgotten node was reached by; names it was known by before and
+        does not have now stay behind them (a name that leads elsewhere is refused on revival)."""
         gone = self._gone
-        gone[ino] = _GONE.pack(parent, generation) + name
+        old = gone.get(ino)
+        if old is not None:
+            names = names + [entry for entry in self._unpack_names(old) if entry not in names]
+        gone[ino] = _GONE.pack(generation) + b"".join(
+            _GONE_NAME.pack(parent, len(name)) + name for parent, name in names[:GONE_NAMES])
         gone.move_to_end(ino)
         if len(gone) > GONE_SIZE:
             gone.popitem(last=False)
 
+    @staticmethod
+    def _unpack_names(packed: bytes) -> list[tuple[int, bytes]]:
+        names, pos = [], _GONE.size
+        while pos < len(packed):
+            parent, size = _GONE_NAME.unpack_from(packed, pos)
+            pos += _GONE_NAME.size
+            names.append((parent, packed[pos:pos + size]))
+            pos += size
+        return names
+
     def last_names(self, limit: int) -> list[tuple[int, int, bytes, int]]:
         """(node id, parent id, name, generation) of the named nodes known now, then of the
-        forgotten ones, newest first, at most ``limit``: what a remount needs to find them."""
+        forgotten ones, newest first, at most ``limit``: what a remount needs to find them.
+        A node with several names has one record per name."""
         out = []
         for node in self._nodes.values():
-            if node.parent is not None and len(out) < limit:
-                out.append((node.ino, node.parent.ino, node.name, self.generation(node)))
+            if len(out) >= limit:
+                break
+            generation = self.generation(node)
+            out.extend((node.ino, parent.ino, name, generation) for parent, name in node.aliases)
         for parent in self._cold_dirs:
             cold = parent.cold if parent is not None else None
             for i in range(len(cold.counts)) if cold is not None else ():
@@ -563,22 +587,22 @@ class InodeTable:
             if len(out) >= limit:
                 break
             if ino not in self._nodes:
-                out.append((ino, *self.recall(ino)))
-        return out
+                generation, names = self.recall(ino)
+                out.extend((ino, parent, name, generation) for parent, name in names)
+        return out[:limit]
 
     def restore_names(self, records: list[tuple[int, int, bytes, int]]) -> None:
         """Records from ``last_names`` (newest first) of a previous mount, as forgotten nodes."""
         for ino, parent, name, generation in reversed(records[:GONE_SIZE]):
             if ino not in self._nodes:
-                self._remember(ino, parent, name, generation)
+                self._remember(ino, [(parent, name)], generation)
 
-    def recall(self, ino: int) -> tuple[int, bytes, int] | None:
-        """Where a forgotten node id was last seen: (parent node id, name, generation)."""
+    def recall(self, ino: int) -> tuple[int, list[tuple[int, bytes]]] | None:
+        """How a forgotten node id was last reached: (generation, [(parent node id, name)])."""
         packed = self._gone.get(ino)
         if packed is None:
             return None
-        parent, generation = _GONE.unpack_from(packed)
-        return parent, packed[_GONE.size:], generation
+        return _GONE.unpack_from(packed)[0], self._unpack_names(packed)
 
     def hold_as_parent(self, node: Node) -> None:
         """``node`` was brought back only to reach a revived child: the kernel holds no lookup
