@@ -87,3 +87,43 @@ def test_removed_entries_held_by_the_kernel_keep_their_numbers(
     wrong = [f"{name}: kernel {w!r}, overlayfuse {g!r}"
              for (name, w), (_n, g) in zip(want, got) if w != g]
     assert not wrong, "held removed entries answer differently:\n" + "\n".join(wrong)
+
+
+def _names_of_a_held_link(mnt: Path) -> list[object]:
+    """A file with names in two dirs, held by one of them (an O_PATH fd: no open reaches the
+    daemon), while the kernel forgets the other dir (drop_caches): the other name must still
+    work, through every request that needs the file's path."""
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"data\n")
+    os.link(mnt / "d" / "f", mnt / "g")
+    fd = os.open(mnt / "g", os.O_PATH)
+    out: list[object] = []
+    try:
+        for _ in range(2):
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")
+            for call in (lambda: os.getxattr(mnt / "d" / "f", "user.k"),
+                         lambda: os.setxattr(mnt / "d" / "f", "user.k", b"v"),
+                         lambda: os.truncate(mnt / "d" / "f", 3),
+                         lambda: (mnt / "d" / "f").read_bytes()):
+                try:
+                    out.append(call())
+                except OSError as e:
+                    out.append(errno.errorcode[e.errno])
+    finally:
+        os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES_ALL)
+def test_a_link_in_a_forgotten_dir_keeps_its_path(
+        mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if mode != "default":
+        monkeypatch.setenv("OVERLAYFUSE_OPENS", mode)
+    kernel = make_layers(tmp_path / "kernel")
+    with kernel_overlay(kernel.lowers, kernel.upper, kernel.work, kernel.mnt):
+        want = _names_of_a_held_link(kernel.mnt)
+    fuse = make_layers(tmp_path / "fuse")
+    with overlayfuse_mount(fuse.lowers, fuse.upper, fuse.work, fuse.mnt):
+        got = _names_of_a_held_link(fuse.mnt)
+    assert got == want
