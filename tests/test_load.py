@@ -133,22 +133,17 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> LoadRun:
     return run
 
 
-def _unexpected(load_run: LoadRun, known: bool) -> list[str]:
-    """Shared-dir outcomes no order gives; ``known``: with the open anomaly below."""
+def _unexpected(load_run: LoadRun) -> list[str]:
+    """Shared-dir outcomes no order gives.  (The rare EIO/EISDIR there was a node id handed on
+    while the kernel still held the old inode: see test_reuse.py.)"""
     return [f"p{n}: {op!r} -> {res!r}" for n, r in enumerate(load_run.results)
-            for op, res in r[1] if known or not _known_anomaly(op, res)]
-
-
-def _known_anomaly(op, res) -> bool:
-    # seen in about one 30 s run of eight, not explained yet (test_load_matches_kernel_replay): a
-    # create of a name just renamed or removed by another process gets EIO or EISDIR
-    return op.kind == "create" and res in (("err", "EIO"), ("err", "EISDIR"))
+            for op, res in r[1]]
 
 
 def test_load_holds(load_run: LoadRun) -> None:
-    """No ESTALE (or other errno that no order gives but the one open anomaly), no hang, the
-    lowers untouched, fds and memory back to idle."""
-    unexpected = _unexpected(load_run, known=False)
+    """No ESTALE, EIO or other errno that no order gives, no hang, the lowers untouched, fds
+    and memory back to idle."""
+    unexpected = _unexpected(load_run)
     assert not unexpected, "shared dir: errnos no order gives:\n" + "\n".join(unexpected[:20])
     assert load_run.lowers_unchanged, "a lower layer changed"
     fds_idle, fds_after = load_run.fds
@@ -158,16 +153,18 @@ def test_load_holds(load_run: LoadRun) -> None:
         f"daemon RSS {rss_after} kB after the load, {rss_idle} kB idle"
 
 
-# Known, not fixed yet: rarely, under concurrency, a create in the shared dir answers EIO or
-# EISDIR (about 5 runs in 35).  Not strict: it passes when that does not show in a run, and
-# then says XPASS.  (The other cause it had, a hard-linked lower file's count after a rename
-# over its other name, is fixed: test_semantics.test_lower_hard_link_count_after_its_names_go.)
-@pytest.mark.xfail(reason="a rare EIO/EISDIR on create in a shared dir under load",
+# Known, not fixed yet: under memory pressure (a loaded machine, or drop_caches every second
+# during the run: then nearly every run) a name in a worker's own subtree answers ENOENT from
+# some point on, where the kernel's replay finds it (issue 11; the shared dir's EIO/EISDIR
+# is fixed, test_reuse.py).  Not strict: it says XPASS when that does not show in a run.
+# (Another cause it had, a hard-linked lower file's count after a rename over its other name,
+# is fixed: test_semantics.test_lower_hard_link_count_after_its_names_go.)
+@pytest.mark.xfail(reason="under memory pressure a private name can answer ENOENT",
                    strict=False)
 def test_load_matches_kernel_replay(load_run: LoadRun, tmp_path: Path) -> None:
     """No unexpected errno at all; each worker's log replayed on a kernel overlay: the same
     outcomes, the same tree."""
-    unexpected = _unexpected(load_run, known=True)
+    unexpected = _unexpected(load_run)
     assert not unexpected, "shared dir: errnos no order gives:\n" + "\n".join(unexpected[:20])
     kernel = make_layers(tmp_path / "kernel")
     (kernel.upper / SHARED).mkdir()

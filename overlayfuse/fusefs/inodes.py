@@ -500,6 +500,7 @@ class InodeTable:
         node = children.pop(name, None) if children is not None else None
         if node is not None:
             node.drop_alias(parent, name)
+            self._drop_scaffold(parent)
         return node
 
     def forget(self, ino: int, count: int) -> None:
@@ -516,6 +517,7 @@ class InodeTable:
                     self._remember(ino, [(parent.ino, cold.name(i))],
                                    self._generations.pop(ino, 0))
                     self._drop_cold(parent, i, ino)
+                    self._drop_scaffold(parent)
             return
         if ino == ROOT:
             return
@@ -525,6 +527,11 @@ class InodeTable:
     def maybe_drop(self, node: Node) -> None:
         """Free a node nobody refers to any more: memory stays bounded on huge trees."""
         if node.lookups > 0 or node.open_count > 0 or node.ino == ROOT:
+            return
+        if node.children or node.cold is not None:
+            # a dir the kernel forgot while a child it still holds by another name (a hard
+            # link elsewhere, held open) has a path through it: kept as that child's parent
+            self._scaffold.add(node.ino)
             return
         parents = [parent for parent, _ in node.aliases]
         if self._nodes.get(node.ino) is node:
@@ -538,9 +545,12 @@ class InodeTable:
             node.st = None
         self._unlink_names(node)
         for parent in parents:  # a parent held only for a revived child goes with it
-            if parent.ino in self._scaffold and not parent.children:
-                self._scaffold.discard(parent.ino)
-                self.maybe_drop(parent)
+            self._drop_scaffold(parent)
+
+    def _drop_scaffold(self, parent: Node) -> None:
+        if parent.ino in self._scaffold and not parent.children and parent.cold is None:
+            self._scaffold.discard(parent.ino)
+            self.maybe_drop(parent)
 
     def _remember(self, ino: int, names: list[tuple[int, bytes]], generation: int) -> None:
         """Keep the names a forgotten node was reached by; names it was known by before and

@@ -134,8 +134,8 @@ class InodeFiles:
 
     def upper_fd(self, node: Node) -> int:
         """The writable fd of a nameless file (its setattr has no path to go by), else -1."""
-        if node.ino not in self._pinned or node.is_dir:
-            return -1  # a removed dir's fd is O_PATH: no changes through it
+        if node.ino not in self._pinned or not stat.S_ISREG(node.kind):
+            return -1  # a removed dir's (symlink's...) fd is O_PATH: no changes through it
         return self._writable_pinned(node)
 
     def adopt(self, node: Node, fd: int, flags: int) -> None:
@@ -152,14 +152,14 @@ class InodeFiles:
     # -- life and death --------------------------------------------------------------------
     def pin(self, node: Node) -> None:
         """Before ``node`` loses a name that may be its last: keep an fd on its data (a file)
-        or on itself (a directory: an open one still answers fstat once removed)."""
-        if node.ino in self._pinned or not (stat.S_ISREG(node.kind) or node.is_dir):
+        or on itself (anything else: a removed dir still answers fstat, and no new entry
+        takes its number while the kernel holds it: see Overlay.keep_reachable)."""
+        if node.ino in self._pinned:
             return
         try:
-            if node.is_dir:
+            if not stat.S_ISREG(node.kind):  # its inode held, so its number stays its own
                 dirfd, name = self.ovl.location(node)
-                fd = os.open(name or ".", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, dir_fd=dirfd)
+                fd = os.open(name or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
                 self._pinned[node.ino] = _Entry(fd, _source(node), False)
                 return
             entry = self._entry(node, False)

@@ -84,9 +84,8 @@ class Overlay:
             self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
         self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
-        # an entry that loses a name the kernel may still use keeps an O_PATH fd until FORGET
-        # (keep_reachable): a file the kernel holds (an OPEN may race the unlink) and, with
-        # zero-message dirs (pin_dirs: no OPENDIR), a directory (fstat on it must answer)
+        # an entry the kernel holds that loses a name keeps an O_PATH fd until FORGET
+        # (keep_reachable); with zero-message dirs (pin_dirs: no OPENDIR) every directory
         self.pin_dirs = False
         self.pinned: dict[int, int] = {}  # node id -> O_PATH fd kept since it lost a name
         self.copy_locks: dict[int, object] = {}  # ino -> trio.Lock while a copy-up runs
@@ -328,14 +327,16 @@ class Overlay:
         return -1
 
     def keep_reachable(self, node: Node) -> None:
-        """Before ``node`` loses a name that may be its last, while the kernel may have it open
-        without our knowing (zero-message opens or dirs): keep an fd that still reaches it."""
+        """Before ``node`` loses a name that may be its last, while the kernel holds it: keep
+        an fd that still reaches it.  A file must stay reachable (an OPEN may race the unlink,
+        the kernel may have it open without our knowing), a dir must answer fstat; and while
+        the fd holds the backing inode, the backing filesystem cannot give its number to a new
+        entry.  It would then become this node id's successor (InodeTable._succeed), and the
+        kernel marks an inode bad when its node id comes back with a new generation: EIO for
+        whoever still uses the old one, a path walk through a removed dir for one (test_reuse)."""
         if self.inofiles is not None:
             self.inofiles.pin(node)
-        elif node.ino not in self.pinned and (
-                self.pin_dirs and node.is_dir
-                # a file the kernel holds: an OPEN racing the unlink must still reach it
-                or node.kind == stat.S_IFREG and node.lookups > 0):
+        elif node.ino not in self.pinned and (node.lookups > 0 or self.pin_dirs and node.is_dir):
             dirfd, name = self.location(node)
             try:
                 self.pinned[node.ino] = os.open(
