@@ -11,6 +11,8 @@ import os
 import stat
 from typing import Callable
 
+from . import xattrat
+
 # One namespace per mount, as the kernel: trusted.overlay.* as root, user.overlay.* for a user
 # (or with the userxattr option).  The other namespace's names are ordinary xattrs, never
 # markers, so a user cannot forge markers for a root mount through user.* xattrs.
@@ -80,14 +82,16 @@ def overlay_xattrs(dirfd: int, name: bytes, prefix: bytes) -> dict[bytes, bytes]
     """
     path = proc_path(dirfd, name)
     try:
-        names = os.listxattr(path, follow_symlinks=not name)
+        names = xattrat.listxattrat(dirfd, name) if name else None
+        if names is None:
+            names = [n.encode("utf-8", "surrogateescape")
+                     for n in os.listxattr(path, follow_symlinks=not name)]
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.ENOENT):
             return {}
         raise
     found: dict[bytes, bytes] = {}
-    for attr in names:
-        battr = attr.encode("utf-8", "surrogateescape")
+    for battr in names:
         if battr.startswith(prefix):
             try:
                 found[battr[len(prefix):]] = os.getxattr(path, battr, follow_symlinks=not name)

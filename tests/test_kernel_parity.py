@@ -516,3 +516,36 @@ def test_default_acl_replaces_the_umask_like_the_kernel(tmp_path: Path) -> None:
     """xfstests generic/099, 319, 444: under a default ACL the umask does not apply."""
     with both(tmp_path) as mounts:
         assert same(mounts, lambda m: _new_entry_modes(m, "acl")) == ["0o666", "0o777", "0o666"]
+
+
+_CAPS = "security.capability"
+# a v2 file capability: cap_net_raw permitted and effective (what `setcap cap_net_raw+ep` sets)
+_CAP_NET_RAW = struct.pack("<IIIII", 0x02000000 | 1, 1 << 13, 0, 0, 0)
+
+
+def _caps_around_writes(mnt: Path) -> list[Any]:
+    """The kernel asks for security.capability before every write (the daemon keeps a "none"
+    answer): one set between two writes must still be seen, and killed by the next write."""
+    seen = []
+    for name in ("new", "low"):
+        path = mnt / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o755)
+        try:
+            os.write(fd, b"a")
+            seen.append(outcome(os.getxattr, path, _CAPS))
+            os.setxattr(path, _CAPS, _CAP_NET_RAW)
+            seen.append(outcome(os.getxattr, path, _CAPS))
+            os.write(fd, b"b")
+            seen.append(outcome(os.getxattr, path, _CAPS))
+            os.setxattr(path, _CAPS, _CAP_NET_RAW)
+        finally:
+            os.close(fd)
+        seen.append(outcome(os.getxattr, path, _CAPS))
+        seen.append(path.read_bytes())
+    return seen
+
+
+def test_file_capabilities_set_between_writes_like_the_kernel(tmp_path: Path) -> None:
+    with both(tmp_path) as mounts:
+        seen = same(mounts, _caps_around_writes)
+    assert seen[:4] == ["ENODATA", _CAP_NET_RAW, "ENODATA", _CAP_NET_RAW], seen

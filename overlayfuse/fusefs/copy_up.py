@@ -98,8 +98,10 @@ class _CopyJob:
             os.mknod(self.tmp, st.st_mode, st.st_rdev, dir_fd=work)
 
     @property
-    def large(self) -> bool:
-        return self.src >= 0 and self.st.st_size >= LARGE_COPY
+    def slow(self) -> bool:
+        """Worth a worker thread: a big copy, or any copy that ends in an fsync (milliseconds
+        on a disk, during which the loop could serve everyone else)."""
+        return self.src >= 0 and (self.st.st_size >= LARGE_COPY or not self.ovl.spec.volatile)
 
     def copy_data(self) -> None:
         if self.src < 0:
@@ -177,7 +179,7 @@ async def copy_up_async(ovl: Overlay, node: Node) -> None:
             if node.upper or node.index is not None:
                 return  # another request copied it meanwhile
             with _CopyJob(ovl, node, parent, name) as job:
-                if job.large:
+                if job.slow:
                     await trio.to_thread.run_sync(job.copy_data)
                 else:
                     job.copy_data()

@@ -140,6 +140,11 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         ovl.strict_fd = atime.strict_clone(ovl.upper.root_fd)
     export.load_names(ovl)
     zero_dirs, zero_opens = transport.modes(ovl.config.zero_opens)
+    if zero_opens and config.atime == "strictatime":
+        # with no OPEN the kernel keeps every file's pages (FOPEN_KEEP_CACHE): a read would
+        # not reach the daemon to touch the atime
+        log.info("strictatime: classic file opens, not zero-message ones")
+        zero_opens = False
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
     try:

@@ -72,14 +72,30 @@ def _refuse_override(ovl: Overlay, name: bytes) -> None:
         raise pyfuse3.FUSEError(errno.EPERM)
 
 
+CAPS = b"security.capability"
+NO_CAPS_MAX = 4096
+# ino -> the node last found without file capabilities.  The kernel asks for them before
+# every write (its killpriv check: FUSE never marks an inode S_NOSEC), so the answer is kept;
+# only a setxattr through the mount can add them (changes behind its back are undefined, as
+# on the kernel's overlay).  Keyed by ino but checked by identity: a node id the kernel forgot
+# and a new file reused is a new Node.
+_no_caps: dict[int, Node] = {}
+
+
 def getxattr(ovl: Overlay, node: Node, name: bytes) -> bytes:
     _require_xattrs(ovl)
+    if name == CAPS and _no_caps.get(node.ino) is node:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     if ovl.overrides.hidden(name):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
     path, follow = _target(ovl, node)
     try:
         return os.getxattr(path, _real_name(ovl, name), follow_symlinks=follow)
     except OSError as e:
+        if name == CAPS and e.errno == errno.ENODATA:
+            if len(_no_caps) >= NO_CAPS_MAX:
+                _no_caps.clear()
+            _no_caps[node.ino] = node
         _no_attr(e)
 
 
@@ -95,6 +111,7 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes,
     _require_xattrs(ovl)
     _refuse_override(ovl, name)
     ovl.require_writable()
+    _no_caps.pop(node.ino, None)
     copy_up(ovl, node)
     ovl.changed(node)
     path, follow = _target(ovl, node, change=True)
