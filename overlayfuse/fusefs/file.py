@@ -14,6 +14,7 @@ import os
 import pyfuse3
 import trio
 
+from . import falloc
 from .copy_up import copy_up_async
 from .inodes import ROOT, Node
 from .layers import openat2_beneath
@@ -155,6 +156,15 @@ async def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
     if handle.flags & _O_DIRECT:
         await _drop_page_cache(handle.node.ino)
     return written
+
+
+async def fallocate(ovl: Overlay, fh: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on the handle's fd: the kernel sends it only for a file opened for write,
+    which the open copied up, so the fd is the upper copy's.  The kernel updates its cached
+    size and drops the punched pages itself once we reply (fs/fuse/file.c)."""
+    handle = get_handle(fh)
+    handle.node.st = None
+    await falloc.fallocate(handle.fd, mode, offset, length)
 
 
 async def _drop_page_cache(ino: int) -> None:

@@ -1,13 +1,13 @@
 """Files reached by inode (zero-message opens): a bounded cache of backing fds.
 
-With zero-message opens (transport.py) the kernel never sends OPEN or RELEASE: READ, WRITE and
-FSYNC name the inode only.  So the daemon keeps one backing fd per recently used inode, the
-least recently used closed first, never more than ``capacity``.  Each fd is tagged with where
-it points (the lower file, the upper copy, the index entry): after a copy-up the next read
-reopens the copy, so a reader that opened the file before the copy-up sees the new data, as
-the kernel's overlayfs shows it.  The first write copies up (there is no open-for-write to hang
-it on).  A file that loses its last name while the kernel may still hold it open keeps its fd,
-pinned, until the kernel forgets the inode: its data has no other way in.
+With zero-message opens (transport.py) the kernel never sends OPEN or RELEASE: READ, WRITE,
+FALLOCATE and FSYNC name the inode only.  So the daemon keeps one backing fd per recently used
+inode, the least recently used closed first, never more than ``capacity``.  Each fd is tagged
+with where it points (the lower file, the upper copy, the index entry): after a copy-up the next
+read reopens the copy, so a reader that opened the file before the copy-up sees the new data, as
+the kernel's overlayfs shows it.  The first write or fallocate copies up (there is no
+open-for-write to hang it on).  A file that loses its last name while the kernel may still hold
+it open keeps its fd, pinned, until the kernel forgets the inode: its data has no other way in.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import trio
 
+from . import falloc
 from .copy_up import copy_data, copy_up_async
 from .file import open_backing
 from .inodes import Node
@@ -96,6 +97,17 @@ class InodeFiles:
             fd = self._entry(node, True).fd
         node.st = None
         return os.pwrite(fd, buf, off)
+
+    async def fallocate(self, node: Node, mode: int, offset: int, length: int) -> None:
+        """As a write: the first one copies a lower file up, then it goes to the upper fd."""
+        self.ovl.require_writable()
+        if node.ino in self._pinned:
+            fd = self._writable_pinned(node)
+        else:
+            await copy_up_async(self.ovl, node)
+            fd = self._entry(node, True).fd
+        node.st = None
+        await falloc.fallocate(fd, mode, offset, length)
 
     def _writable_pinned(self, node: Node) -> int:
         """A nameless file's fd that takes writes: a lower file unlinked while open gets an

@@ -207,6 +207,15 @@ class OverlayOperations(pyfuse3.Operations):
             return await self.ovl.inofiles.write(self.ovl.table.get(fh), off, buf)
         return await fileops.write(self.ovl, fh, off, buf)
 
+    @_errors
+    async def fallocate(self, fh, mode, offset, length):
+        # called only by a binding with tools/pyfuse3/fallocate.patch (transport.py); stock
+        # pyfuse3 leaves FALLOCATE to libfuse, which answers ENOSYS: EOPNOTSUPP for callers
+        if self.zero_opens:
+            return await self.ovl.inofiles.fallocate(self.ovl.table.get(fh), mode, offset,
+                                                     length)
+        await fileops.fallocate(self.ovl, fh, mode, offset, length)
+
     async def flush(self, fh):
         # nothing to do on close(); ENOSYS tells the kernel never to send FLUSH again,
         # one request less per close (PYFUSE3-FACTS: requests decide the speed)

@@ -15,6 +15,10 @@ RELEASEDIR, FLUSH, RELEASE) for the whole mount (PYFUSE3-FACTS: "Zero-message op
 
 Stock pyfuse3 hands every handler file handle 0 in those modes, so there the daemon opens files
 and dirs the classic way: slower, the same behaviour.
+
+A fourth patch adds ``Operations.fallocate``: fallocate(2) then reaches the upper file as on the
+kernel's overlay.  Stock pyfuse3 has no such handler, libfuse answers ENOSYS and callers get
+EOPNOTSUPP (the kernel never asks again); nothing else changes.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ def patched() -> bool:
             and hasattr(pyfuse3.FileInfo(), "cache_readdir"))
 
 
+def has_fallocate() -> bool:
+    """The binding passes fallocate(2) on (tools/pyfuse3/fallocate.patch)."""
+    return hasattr(pyfuse3.Operations, "fallocate")
+
+
 def modes(zero_opens: bool) -> tuple[bool, bool]:
     """(zero-message dirs, zero-message file opens) for a mount (``-o zero_opens`` asked
     for the second)."""
@@ -43,6 +52,12 @@ def modes(zero_opens: bool) -> tuple[bool, bool]:
 
 def describe(zero_opens: bool = False) -> str:
     """One phrase for ``check`` and ``-v``."""
+    falloc = ("fallocate passed on" if has_fallocate()
+              else "no fallocate: EOPNOTSUPP (pyfuse3 without tools/pyfuse3/fallocate.patch)")
+    return f"{_opens(zero_opens)}; {falloc}"
+
+
+def _opens(zero_opens: bool) -> str:
     dirs, files = modes(zero_opens)
     if files:
         return "zero-message opens and kernel-cached listings (patched pyfuse3)"
