@@ -11,4 +11,4 @@ fi
 .venv/bin/python -m pytest -q
 echo "test: the differential and semantic tests again, on stock pyfuse3 (.venv-stock)"
 VENV=.venv-stock OVERLAYFUSE_STOCK_PYFUSE3=1 tools/setup.sh
-exec .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py
+exec .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py tests/test_fallocate.py
