@@ -89,17 +89,14 @@ class InodeFiles:
         return os.pread(self._entry(node, False).fd, size, off)
 
     async def write(self, node: Node, off: int, buf: bytes) -> int:
-        self.ovl.require_writable()
-        if node.ino in self._pinned:
-            fd = self._writable_pinned(node)
-        else:
-            await copy_up_async(self.ovl, node)
-            fd = self._entry(node, True).fd
-        node.st = None
-        return os.pwrite(fd, buf, off)
+        return os.pwrite(await self._changing(node), buf, off)
 
     async def fallocate(self, node: Node, mode: int, offset: int, length: int) -> None:
         """As a write: the first one copies a lower file up, then it goes to the upper fd."""
+        await falloc.fallocate(await self._changing(node), mode, offset, length)
+
+    async def _changing(self, node: Node) -> int:
+        """The fd a change to ``node``'s data goes to: the first change copies a lower file up."""
         self.ovl.require_writable()
         if node.ino in self._pinned:
             fd = self._writable_pinned(node)
@@ -107,7 +104,7 @@ class InodeFiles:
             await copy_up_async(self.ovl, node)
             fd = self._entry(node, True).fd
         node.st = None
-        await falloc.fallocate(fd, mode, offset, length)
+        return fd
 
     def _writable_pinned(self, node: Node) -> int:
         """A nameless file's fd that takes writes: a lower file unlinked while open gets an
