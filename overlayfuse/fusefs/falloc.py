@@ -10,22 +10,14 @@ closed by another request meanwhile).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 import trio
 
-KEEP_SIZE = 0x01
-PUNCH_HOLE = 0x02
-COLLAPSE_RANGE = 0x08
-ZERO_RANGE = 0x10
-INSERT_RANGE = 0x20
-UNSHARE_RANGE = 0x40
-
 # below this, the call runs inline: a thread hand-over costs more than a small allocation
 THREAD_FROM = 8 << 20
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # not find_library: it runs ldconfig at start
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int

@@ -318,8 +318,8 @@ class InodeTable:
         self._cold_dirs: list[Node | None] = []  # serial -> directory with cold children
         self._free_serials: list[int] = []
         self._generations: dict[int, int] = {}  # node id -> generation, for reused numbers
-        # node id -> (parent node id, name, generation) of nodes the kernel forgot, newest
-        # last: a file handle names only the node id (export.py finds the node again)
+        # node id -> generation and up to GONE_NAMES (parent node id, name) of nodes the kernel
+        # forgot, newest last: a file handle names only the node id (export.py finds it again)
         self._gone: OrderedDict[int, bytes] = OrderedDict()  # packed: _GONE, then its names
         self._scaffold: set[int] = set()  # node ids held only as parents of revived nodes
         self.root = root
