@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,18 +73,26 @@ def _held_removed_entries(mnt: Path) -> list[tuple[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("mode", MODES_ALL)
-def test_removed_entries_held_by_the_kernel_keep_their_numbers(
-        mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _on_both(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             steps: Callable[[Path], list]) -> tuple[list, list]:
+    """``steps`` on a kernel overlay, then on an overlayfuse mount in ``mode``: (kernel's
+    result, overlayfuse's)."""
     if mode != "default":
         monkeypatch.setenv("OVERLAYFUSE_OPENS", mode)
     kernel = make_layers(tmp_path / "kernel")
     with kernel_overlay(kernel.lowers, kernel.upper, kernel.work, kernel.mnt):
-        want = _held_removed_entries(kernel.mnt)
-    assert all(got in ("-", "l", ("d", "ENOENT")) for _name, got in want), want
+        want = steps(kernel.mnt)
     fuse = make_layers(tmp_path / "fuse")
     with overlayfuse_mount(fuse.lowers, fuse.upper, fuse.work, fuse.mnt):
-        got = _held_removed_entries(fuse.mnt)
+        got = steps(fuse.mnt)
+    return want, got
+
+
+@pytest.mark.parametrize("mode", MODES_ALL)
+def test_removed_entries_held_by_the_kernel_keep_their_numbers(
+        mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    want, got = _on_both(mode, tmp_path, monkeypatch, _held_removed_entries)
+    assert all(got in ("-", "l", ("d", "ENOENT")) for _name, got in want), want
     wrong = [f"{name}: kernel {w!r}, overlayfuse {g!r}"
              for (name, w), (_n, g) in zip(want, got) if w != g]
     assert not wrong, "held removed entries answer differently:\n" + "\n".join(wrong)
@@ -118,12 +127,5 @@ def _names_of_a_held_link(mnt: Path) -> list[object]:
 @pytest.mark.parametrize("mode", MODES_ALL)
 def test_a_link_in_a_forgotten_dir_keeps_its_path(
         mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if mode != "default":
-        monkeypatch.setenv("OVERLAYFUSE_OPENS", mode)
-    kernel = make_layers(tmp_path / "kernel")
-    with kernel_overlay(kernel.lowers, kernel.upper, kernel.work, kernel.mnt):
-        want = _names_of_a_held_link(kernel.mnt)
-    fuse = make_layers(tmp_path / "fuse")
-    with overlayfuse_mount(fuse.lowers, fuse.upper, fuse.work, fuse.mnt):
-        got = _names_of_a_held_link(fuse.mnt)
+    want, got = _on_both(mode, tmp_path, monkeypatch, _names_of_a_held_link)
     assert got == want
