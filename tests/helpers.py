@@ -1,8 +1,11 @@
 """Small helpers several test modules share: the CLI as a subprocess, comparable outcomes."""
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +29,26 @@ def outcome(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     except OSError as e:
         return errno.errorcode.get(e.errno or 0, str(e.errno))
     return "ok" if r is None else r
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def aio_pwrite(fd: int, buf: mmap.mmap, off: int) -> int:
+    """One asynchronous write through io_submit (x86_64 syscall numbers), waited for."""
+    ctx = ctypes.c_ulong(0)
+    if _libc.syscall(206, 1, ctypes.byref(ctx)) != 0:  # io_setup
+        raise OSError(ctypes.get_errno(), "io_setup")
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        iocb = ctypes.create_string_buffer(struct.pack(
+            "<QIIHhIQQqQII", 0, 0, 0, 1, 0, fd, addr, len(buf), off, 0, 0, 0), 64)  # PWRITE
+        iocbs = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
+        if _libc.syscall(209, ctx, 1, iocbs) != 1:  # io_submit
+            raise OSError(ctypes.get_errno(), "io_submit")
+        event = ctypes.create_string_buffer(32)
+        if _libc.syscall(208, ctx, 1, 1, event, None) != 1:  # io_getevents
+            raise OSError(ctypes.get_errno(), "io_getevents")
+        return struct.unpack("<QQqq", event.raw)[2]
+    finally:
+        _libc.syscall(207, ctx)  # io_destroy

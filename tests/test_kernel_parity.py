@@ -28,7 +28,7 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from helpers import outcome, ovf
+from helpers import aio_pwrite, outcome, ovf
 from mounts import kernel_overlay, make_layers, overlayfuse_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays need root")
@@ -170,26 +170,6 @@ def test_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
         assert same(mounts, steps) == [b"\0" * 4, b"YYYY", b"lower\n"]
 
 
-def _aio_pwrite(fd: int, buf: mmap.mmap, off: int) -> int:
-    """One asynchronous write through io_submit (x86_64 syscall numbers), waited for."""
-    ctx = ctypes.c_ulong(0)
-    if _libc.syscall(206, 1, ctypes.byref(ctx)) != 0:  # io_setup
-        raise OSError(ctypes.get_errno(), "io_setup")
-    try:
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        iocb = ctypes.create_string_buffer(struct.pack(
-            "<QIIHhIQQqQII", 0, 0, 0, 1, 0, fd, addr, len(buf), off, 0, 0, 0), 64)  # PWRITE
-        iocbs = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
-        if _libc.syscall(209, ctx, 1, iocbs) != 1:  # io_submit
-            raise OSError(ctypes.get_errno(), "io_submit")
-        event = ctypes.create_string_buffer(32)
-        if _libc.syscall(208, ctx, 1, 1, event, None) != 1:  # io_getevents
-            raise OSError(ctypes.get_errno(), "io_getevents")
-        return struct.unpack("<QQqq", event.raw)[2]
-    finally:
-        _libc.syscall(207, ctx)  # io_destroy
-
-
 def test_async_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
     """xfstests generic/451: the kernel's FUSE drops stale pages only after a synchronous
     direct write; after io_submit the daemon must."""
@@ -201,7 +181,7 @@ def test_async_o_direct_write_then_buffered_read(tmp_path: Path) -> None:
             before = os.pread(cached, 4, 0)
             with mmap.mmap(-1, 4096) as buf:
                 buf.write(b"a" * 4096)
-                written = _aio_pwrite(fd, buf, 0)
+                written = aio_pwrite(fd, buf, 0)
             return [before, written, os.pread(cached, 4, 0), os.pread(cached, 4, 4096)]
         finally:
             os.close(fd)

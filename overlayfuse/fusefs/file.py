@@ -14,7 +14,7 @@ import os
 import pyfuse3
 import trio
 
-from . import falloc
+from . import falloc, transport
 from .copy_up import copy_up_async
 from .inodes import ROOT, Node
 from .layers import openat2_beneath
@@ -153,7 +153,7 @@ async def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
     handle = get_handle(fh)
     handle.node.st = None
     written = os.pwrite(handle.fd, buf, off)
-    if handle.flags & _O_DIRECT:
+    if handle.flags & _O_DIRECT and not transport.declines_async_dio():
         await _drop_page_cache(handle.node.ino)
     return written
 
@@ -167,16 +167,55 @@ async def fallocate(ovl: Overlay, fh: int, mode: int, offset: int, length: int) 
     await falloc.fallocate(handle.fd, mode, offset, length)
 
 
+DROP_WAIT = 0.1  # s a direct write waits for the drop of its stale pages before replying
+
+
+class _Drops:
+    """Page-cache drops of one inode: the round running, and the one asked for meanwhile."""
+
+    __slots__ = ("running", "next")
+
+    def __init__(self) -> None:
+        self.running = trio.Event()  # set when the running round is over
+        self.next: trio.Event | None = None
+
+
+_drops: dict[int, _Drops] = {}
+
+
 async def _drop_page_cache(ino: int) -> None:
-    """After an O_DIRECT write: the kernel's FUSE drops the pages a direct write made stale
-    only for a synchronous write; after an asynchronous one (io_submit) a buffered read kept
-    the old data (xfstests generic/451).  Dropping them here, before the reply, makes the
-    write's completion the point after which every read sees it, as on the kernel's overlay.
-    From a thread: the kernel may wait for a page whose READ this loop must answer."""
-    try:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-    except OSError as e:
-        log.debug("page cache of inode %d not dropped: %s", ino, e)
+    """After an O_DIRECT write on stock pyfuse3, which keeps the kernel's asynchronous direct
+    I/O: the kernel then leaves the pages an aio direct write made stale in its page cache,
+    and a buffered read after the write's completion returned the old data (xfstests
+    generic/451).  The drop waits for page locks that readahead and writeback requests hold
+    while they wait for one of the connection's few background slots, and an unanswered
+    direct write holds one: waited for without a bound, enough of them deadlocked the mount
+    (generic/095).  So the drop runs beside the request, which waits for a round that began
+    after its write for at most DROP_WAIT, and replies."""
+    drops = _drops.get(ino)
+    if drops is None:
+        drops = _drops[ino] = _Drops()
+        done = drops.running
+        trio.lowlevel.spawn_system_task(_drop_rounds, ino, drops)
+    else:
+        if drops.next is None:
+            drops.next = trio.Event()
+        done = drops.next
+    with trio.move_on_after(DROP_WAIT):
+        await done.wait()
+
+
+async def _drop_rounds(ino: int, drops: _Drops) -> None:
+    while True:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except OSError as e:
+            log.debug("page cache of inode %d not dropped: %s", ino, e)
+        drops.running.set()
+        if drops.next is None:
+            del _drops[ino]
+            return
+        drops.running, drops.next = drops.next, None
 
 
 async def fsync(ovl: Overlay, fh: int, datasync: bool) -> None:

@@ -47,6 +47,9 @@ class OverlayOperations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # O_DIRECT requests one at a time, so that the kernel drops the pages a direct write made
+    # stale once it returns, aio writes included (tools/pyfuse3/async-dio.patch; file.py)
+    enable_async_dio = False
 
     def __init__(self, ovl: Overlay, zero_dirs: bool = False, zero_opens: bool = False
                  ) -> None:

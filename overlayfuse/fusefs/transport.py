@@ -18,7 +18,9 @@ and dirs the classic way: slower, the same behaviour.
 
 A fourth patch adds ``Operations.fallocate``: fallocate(2) then reaches the upper file as on the
 kernel's overlay.  Stock pyfuse3 has no such handler, libfuse answers ENOSYS and callers get
-EOPNOTSUPP (the kernel never asks again); nothing else changes.
+EOPNOTSUPP (the kernel never asks again); nothing else changes.  A fifth lets the daemon decline
+the kernel's asynchronous direct I/O, so that the kernel drops the pages a direct write made
+stale itself (file.py says what stock pyfuse3 costs there).
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ def patched() -> bool:
 def has_fallocate() -> bool:
     """The binding passes fallocate(2) on (tools/pyfuse3/fallocate.patch)."""
     return hasattr(pyfuse3.Operations, "fallocate")
+
+
+def declines_async_dio() -> bool:
+    """The binding can turn the kernel's asynchronous direct I/O off
+    (tools/pyfuse3/async-dio.patch), so the kernel keeps its page cache right after direct
+    writes and the daemon need not (file.py)."""
+    return hasattr(pyfuse3.Operations, "enable_async_dio")
 
 
 def modes(zero_opens: bool) -> tuple[bool, bool]:
