@@ -122,6 +122,24 @@ def test_rename_over_an_open_file_keeps_it_readable(tmp_path: Path) -> None:
         assert same(mounts, steps) == [0, 9, b"old data\n", b"new data\n"]
 
 
+def test_removed_open_file_keeps_the_link_count_of_what_it_reads(tmp_path: Path) -> None:
+    """An open lower file removed through the overlay still counts its one lower name (the
+    kernel stats the lower inode); an upper copy removed while open counts none."""
+    def steps(mnt: Path) -> list[int]:
+        (mnt / "up").write_bytes(b"upper\n")
+        fds = [os.open(mnt / name, os.O_RDONLY) for name in ("low", "up")]
+        try:
+            for name in ("low", "up"):
+                os.unlink(mnt / name)
+            return [os.fstat(fd).st_nlink for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [1, 0]
+
+
 def test_rename_over_an_open_directory_keeps_it_statable(tmp_path: Path) -> None:
     """xfstests generic/035: with zero-message dirs the daemon never hears of the open."""
     def steps(mnt: Path) -> list[Any]:
