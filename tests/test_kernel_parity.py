@@ -140,6 +140,20 @@ def test_removed_open_file_keeps_the_link_count_of_what_it_reads(tmp_path: Path)
         assert same(mounts, steps) == [1, 0]
 
 
+def test_removed_symlink_still_reads_through_its_o_path_fd(tmp_path: Path) -> None:
+    def steps(mnt: Path) -> list[Any]:
+        os.symlink("target/of/link", mnt / "ln")
+        fd = os.open(mnt / "ln", os.O_PATH | os.O_NOFOLLOW)
+        try:
+            os.unlink(mnt / "ln")
+            return [outcome(os.readlink, "", dir_fd=fd), stat_type(os.fstat(fd).st_mode)]
+        finally:
+            os.close(fd)
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == ["target/of/link", "other"]
+
+
 def test_rename_over_an_open_directory_keeps_it_statable(tmp_path: Path) -> None:
     """xfstests generic/035: with zero-message dirs the daemon never hears of the open."""
     def steps(mnt: Path) -> list[Any]:

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from . import attrs, dir as dirops, export, file as fileops, readdir as readdirops, xattrs
+from .inodes import ROOT
 from .inofiles import InodeFiles
 from .namei import lookup
 from .overlay import Overlay
@@ -121,7 +122,15 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode, ctx):
-        dirfd, name = self.ovl.location(self.ovl.table.get(inode))
+        node = self.ovl.table.get(inode)
+        if node.parent is None and node.ino != ROOT:
+            # removed while the kernel holds it (an O_PATH fd): the fd pinned at the removal
+            # still reaches the link, as the kernel's overlay still reads it
+            fd = self.ovl.open_fd(node)
+            if fd < 0:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return os.readlink(b"", dir_fd=fd)
+        dirfd, name = self.ovl.location(node)
         return os.readlink(name, dir_fd=dirfd)
 
     @_errors
