@@ -81,12 +81,11 @@ def mount_fuse_backend(spec: OverlaySpec, mnt: str, other: Sequence[str], *,
 def mount_kernel_backend(spec: OverlaySpec, mnt: str, other: Sequence[str]) -> int:
     """Mount the kernel's overlayfs on ``mnt`` with mount(2), then apply ro/nodev/... flags."""
     from . import sysmount
-    from .backends.kernel import mount_spec
+    from .backends.kernel import mount_spec, refusal
     try:
         mount_spec(spec, mnt)
     except OSError as e:
-        raise OverlayfuseError(f"kernel overlayfs refused to mount on {mnt}: "
-                               f"{e.strerror or e}") from None
+        raise refusal("kernel overlayfs", mnt, spec, e) from None
     flags = kernel_mount_flags(other)
     if flags:
         try:

@@ -6,6 +6,7 @@ a snapshot of the test's directory (names, types, modes, mtimes) before and afte
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mounts import REPO, Layers, esc, force_unmount, is_mounted, make_layers
+from mounts import (REPO, Layers, esc, force_unmount, is_mounted, kernel_overlay, make_layers,
+                    overlayfuse_mount)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
 
@@ -214,6 +216,50 @@ def test_busy_mount_point(lay: Layers, form: Form) -> None:
                        lay.mnt, str(lay.mnt), "busy")
     finally:
         assert force_unmount(lay.mnt)
+
+
+@contextlib.contextmanager
+def _first_mount(lay: Layers, form: Form, extra: str = "") -> Iterator[None]:
+    """A live mount of the layers: a kernel overlay for the kernel form (the kernel marks its
+    dirs in use, not ours), an overlayfuse daemon otherwise."""
+    if form is FORMS["mount-kernel"]:
+        with kernel_overlay(lay.lowers, lay.upper, lay.work, lay.mnt, "index=on" + extra):
+            yield
+    else:
+        with overlayfuse_mount(lay.lowers, lay.upper, lay.work, lay.mnt):
+            yield
+
+
+def test_upper_and_work_in_use_by_another_mount(lay: Layers, form: Form) -> None:
+    """As the kernel: a second mount of a live mount's upper and work dir is refused (EBUSY)
+    where the index is on: always for the FUSE daemon (it keeps a hard-link index), with
+    ``index=on`` for the kernel's overlay (this kernel's default is off: it only warns)."""
+    mnt2 = lay.root / "mnt2"
+    mnt2.mkdir()
+    opts = opts_of(lay.lowers, lay.upper, lay.work)
+    if form is FORMS["mount-kernel"]:
+        opts += ",index=on"
+    with _first_mount(lay, form):
+        (lay.mnt / "f0").write_text("changed by the first mount\n")
+        assert_refused(lay.root, form(opts, str(mnt2)), mnt2, "in use")
+        assert (lay.mnt / "f0").read_text() == "changed by the first mount\n"
+
+
+def test_index_off_mounts_an_upper_in_use(lay: Layers, form: Form) -> None:
+    """The kernel's override: with index=off the second mount goes ahead (with a warning)."""
+    mnt2 = lay.root / "mnt2"
+    mnt2.mkdir()
+    with _first_mount(lay, form, ",index=off"):
+        opts = opts_of(lay.lowers, lay.upper, lay.work) + ",index=off"
+        r = subprocess.run([sys.executable, "-m", "overlayfuse", *form(opts, str(mnt2))],
+                           capture_output=True, text=True, env=cli_env(), timeout=60,
+                           stdin=subprocess.DEVNULL)
+        try:
+            assert r.returncode == 0, r.stderr
+            assert is_mounted(mnt2)
+            assert sorted(os.listdir(mnt2)) == sorted(os.listdir(lay.mnt))
+        finally:
+            assert force_unmount(mnt2)
 
 
 def test_missing_mount_point(lay: Layers, form: Form) -> None:

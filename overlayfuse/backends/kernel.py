@@ -64,8 +64,7 @@ class KernelBackend(Backend):
                 mount_spec(spec, target)
                 mounted = True
         except OSError as e:
-            raise OverlayfuseError(
-                f"kernel overlayfs refused to mount on {target}: {e.strerror or e}") from None
+            raise refusal("kernel overlayfs", target, spec, e) from None
         except BaseException:
             if mounted:
                 umount_retrying(target)
@@ -85,11 +84,21 @@ class KernelBackend(Backend):
         return run_private(spec, argv, cwd, mountpoint, env, setup)
 
 
+def refusal(who: str, mnt: str, spec: OverlaySpec, e: OSError) -> OverlayfuseError:
+    """The one-line error for a refused kernel mount.  The kernel tells why in its log where it
+    can (FsContext); EBUSY for a dir in use it prints to dmesg only, so that is said here."""
+    why = e.strerror or str(e)
+    if e.errno == errno.EBUSY and spec.upperdir is not None:
+        why += (" (upperdir or workdir in use by another mount: the kernel refuses a second "
+                "one while the index is on)")
+    return OverlayfuseError(f"{who} refused to mount on {mnt}: {why}")
+
+
 def _mount_or_explain(spec: OverlaySpec, mnt: str, *, userxattr: bool, who: str) -> None:
     try:
         mount_spec(spec, mnt, userxattr=userxattr)
     except OSError as e:
-        raise OverlayfuseError(f"{who} refused to mount on {mnt}: {e.strerror or e}") from None
+        raise refusal(who, mnt, spec, e) from None
 
 
 def run_private(spec: OverlaySpec, argv: Sequence[str], cwd: str | None,

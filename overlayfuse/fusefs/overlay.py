@@ -13,7 +13,7 @@ from .. import format as fmt
 from ..errors import OverlayfuseError
 from ..idmap import Owners, owners_from_options
 from ..spec import OverlaySpec
-from . import origin
+from . import inuse, origin
 from .record import UpperRecord
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
@@ -80,8 +80,15 @@ class Overlay:
                                   durable=not spec.volatile)
         self.work_fd = -1
         self.index_fd = -1
+        self.claims: list[int] = []
         if spec.workdir:
-            self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
+            # before the work dir is emptied: it may be another live mount's (inuse.py)
+            self.claims = inuse.claim(spec)
+            try:
+                self.work_fd, self.index_fd = _prepare_workdir(spec.workdir)
+            except BaseException:
+                inuse.release(self.claims)
+                raise
         self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
         # an entry the kernel holds that loses a name keeps an O_PATH fd until FORGET
@@ -383,6 +390,7 @@ class Overlay:
         for fd in (self.work_fd, self.index_fd):
             if fd >= 0:
                 os.close(fd)
+        inuse.release(self.claims)
 
 
 def _prepare_workdir(workdir: str) -> tuple[int, int]:
