@@ -45,8 +45,8 @@ def has_fallocate() -> bool:
 
 def declines_async_dio() -> bool:
     """The binding can turn the kernel's asynchronous direct I/O off
-    (tools/pyfuse3/async-dio.patch), so the kernel keeps its page cache right after direct
-    writes and the daemon need not (file.py)."""
+    (tools/pyfuse3/async-dio.patch): the kernel then drops the pages a direct write made stale
+    itself, and the daemon need not (file.py)."""
     return hasattr(pyfuse3.Operations, "enable_async_dio")
 
 
