@@ -245,6 +245,15 @@ def test_upper_and_work_in_use_by_another_mount(lay: Layers, form: Form) -> None
         assert (lay.mnt / "f0").read_text() == "changed by the first mount\n"
 
 
+def test_kernel_mount_refuses_the_upper_of_a_live_fuse_mount(lay: Layers) -> None:
+    """The kernel does not see the FUSE daemon's claim: the kernel backend checks it."""
+    mnt2 = lay.root / "mnt2"
+    mnt2.mkdir()
+    with overlayfuse_mount(lay.lowers, lay.upper, lay.work, lay.mnt):
+        assert_refused(lay.root, FORMS["mount-kernel"](
+            opts_of(lay.lowers, lay.upper, lay.work), str(mnt2)), mnt2, "in use")
+
+
 def test_index_off_mounts_an_upper_in_use(lay: Layers, form: Form) -> None:
     """The kernel's override: with index=off the second mount goes ahead (with a warning)."""
     mnt2 = lay.root / "mnt2"

@@ -11,6 +11,7 @@ from ..probe import probe as run_probe
 from ..probe import deferred_signals, probe_dir_for
 from .. import sysmount
 from ..errors import OverlayfuseError
+from ..fusefs import inuse
 from ..spec import OverlaySpec
 from ..survey import adapt, record_kernel_features
 from .base import (Backend, Mount, Purpose, Verdict, inside, merged_env, run_mountpoint, spawn,
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def mount_spec(spec: OverlaySpec, target: str, *, userxattr: bool = False) -> None:
-    """Mount ``spec`` with overlayfs on ``target`` in the current namespace (OSError on refusal).
+    """Mount ``spec`` with overlayfs on ``target`` in the current namespace (OSError on refusal;
+    OverlayfuseError where a FUSE daemon holds the upper or work dir, inuse.py).
 
     As root the options are first adapted to what the layers hold (survey.adapt: index=on for
     an upper with a hard-link index, userxattr for a user's markers), and the upper's record
@@ -28,6 +30,9 @@ def mount_spec(spec: OverlaySpec, target: str, *, userxattr: bool = False) -> No
     """
     if not userxattr:
         spec = adapt(spec, "kernel")
+    # a live FUSE daemon's upper or work dir: refused as the kernel refuses its own (the
+    # kernel's in-use mark is not the daemon's lock, so it would not see that mount)
+    inuse.release(inuse.claim(spec))
     userxattr = userxattr or spec.userxattr
     record_kernel_features(spec, userxattr)
     sysmount.mount_overlay(spec.lowerdirs, spec.upperdir, spec.workdir, target,
