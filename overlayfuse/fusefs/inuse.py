@@ -12,11 +12,14 @@ import errno
 import fcntl
 import logging
 import os
+import time
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 
 log = logging.getLogger(__name__)
+
+DYING_WAIT = 60.0  # s: how long a lock held by a daemon on its way out is waited for
 
 
 def claim(spec: OverlaySpec) -> list[int]:
@@ -28,12 +31,8 @@ def claim(spec: OverlaySpec) -> list[int]:
             if path is None:
                 continue
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
+            if not _lock(fd):
                 os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
                 if spec.option("index") == "off":
                     log.warning("%s %s is in use by another mount (index=off: mounting "
                                 "anyway)", what, path)
@@ -47,6 +46,59 @@ def claim(spec: OverlaySpec) -> list[int]:
         release(fds)
         raise
     return fds
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd``; False when another mount keeps it.  A daemon that
+    was killed holds it until its exit has closed its files (an fsync in flight can take a
+    while): a remount right after a SIGKILL waits for that instead of failing."""
+    deadline = time.monotonic() + DYING_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        holders = _holders(fd)
+        if time.monotonic() >= deadline or not holders or not all(map(_dying, holders)):
+            return False
+        time.sleep(0.02)
+
+
+def _holders(fd: int) -> list[int]:
+    """The pids /proc/locks names as holding a flock on the file of ``fd``."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                    pids.append(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+_PF_EXITING = 0x4
+_SIGKILL_BIT = 1 << 8
+
+
+def _dying(pid: int) -> bool:
+    """``pid`` is on its way out: exiting (PF_EXITING), or a SIGKILL waits for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+        if flags & _PF_EXITING:
+            return True
+        with open(f"/proc/{pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f
+                       if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except (OSError, ValueError, IndexError):
+        return True  # gone meanwhile: the lock goes with it
+    return any(p & _SIGKILL_BIT for p in pending)
 
 
 def release(fds: list[int]) -> None:
