@@ -254,6 +254,17 @@ def test_kernel_mount_refuses_the_upper_of_a_live_fuse_mount(lay: Layers) -> Non
             opts_of(lay.lowers, lay.upper, lay.work), str(mnt2)), mnt2, "in use")
 
 
+def test_fuse_mount_refuses_the_upper_of_a_live_kernel_overlay(lay: Layers,
+                                                               fuse_form: Form) -> None:
+    """The FUSE daemon cannot see the kernel's in-use mark: it finds the kernel overlay by
+    its mount options."""
+    mnt2 = lay.root / "mnt2"
+    mnt2.mkdir()
+    with kernel_overlay(lay.lowers, lay.upper, lay.work, lay.mnt, "index=on"):
+        assert_refused(lay.root, fuse_form(opts_of(lay.lowers, lay.upper, lay.work), str(mnt2)),
+                       mnt2, "in use by the kernel overlay on")
+
+
 def test_index_off_mounts_an_upper_in_use(lay: Layers, form: Form) -> None:
     """The kernel's override: with index=off the second mount goes ahead (with a warning)."""
     mnt2 = lay.root / "mnt2"

@@ -32,7 +32,7 @@ def mount_spec(spec: OverlaySpec, target: str, *, userxattr: bool = False) -> No
         spec = adapt(spec, "kernel")
     # a live FUSE daemon's upper or work dir: refused as the kernel refuses its own (the
     # kernel's in-use mark is not the daemon's lock, so it would not see that mount)
-    inuse.release(inuse.claim(spec))
+    inuse.release(inuse.claim(spec, kernel_mounts=False))
     userxattr = userxattr or spec.userxattr
     record_kernel_features(spec, userxattr)
     sysmount.mount_overlay(spec.lowerdirs, spec.upperdir, spec.workdir, target,

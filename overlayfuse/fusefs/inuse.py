@@ -5,6 +5,8 @@ start empties the work dir of the first one's copy-ups in flight.  The kernel ma
 in use and refuses a second mount on either with EBUSY while the index is on (always, for this
 daemon's hard-link index), or only warns with ``index=off``.  The daemon holds an exclusive
 flock on each dir for its life: it goes with the daemon however that ends, SIGKILL included.
+The kernel's mark cannot be seen from here, so a kernel overlay's dirs are found by its mount
+options instead; the kernel backend checks the flock before it mounts (backends/kernel.py).
 """
 from __future__ import annotations
 
@@ -16,36 +18,61 @@ import time
 
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
+from ..sysmount.fsinfo import mount_table, unescape_mountinfo
 
 log = logging.getLogger(__name__)
 
 DYING_WAIT = 60.0  # s: how long a lock held by a daemon on its way out is waited for
 
 
-def claim(spec: OverlaySpec) -> list[int]:
+def claim(spec: OverlaySpec, kernel_mounts: bool = True) -> list[int]:
     """Lock the spec's upper and work dirs; the fds hold the locks (close them to release).
-    Raises OverlayfuseError when another mount holds one and the index is on."""
+    Raises OverlayfuseError when another mount holds one and the index is on; a kernel
+    overlay's counts too unless ``kernel_mounts`` is False (the kernel judges its own)."""
     fds: list[int] = []
+    kernel = _kernel_overlay_dirs() if kernel_mounts and spec.upperdir is not None else {}
     try:
         for what, path in (("upperdir", spec.upperdir), ("workdir", spec.workdir)):
             if path is None:
                 continue
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            if not _lock(fd):
-                os.close(fd)
-                if spec.option("index") == "off":
-                    log.warning("%s %s is in use by another mount (index=off: mounting "
-                                "anyway)", what, path)
-                    continue
-                raise OverlayfuseError(
-                    f"{what} {path} is in use by another overlayfuse mount (EBUSY, as the "
-                    f"kernel's overlayfs refuses it); unmount that one, or mount with "
-                    f"-o index=off to override") from None
-            fds.append(fd)
+            st = os.fstat(fd)
+            holder = kernel.get((st.st_dev, st.st_ino))
+            if holder is None and _lock(fd):
+                fds.append(fd)
+                continue
+            os.close(fd)
+            other = f"the kernel overlay on {holder}" if holder else "another overlayfuse mount"
+            if spec.option("index") == "off":
+                log.warning("%s %s is in use by %s (index=off: mounting anyway)", what, path,
+                            other)
+                continue
+            raise OverlayfuseError(
+                f"{what} {path} is in use by {other} (EBUSY, as the kernel's overlayfs "
+                f"refuses it); unmount that one, or mount with -o index=off to override")
     except BaseException:
         release(fds)
         raise
     return fds
+
+
+def _kernel_overlay_dirs() -> dict[tuple[int, int], str]:
+    """(dev, ino) of the upper and work dirs of the kernel overlays mounted in this mount
+    namespace -> their mount point.  The kernel's in-use mark cannot be read; its mount
+    options can."""
+    found: dict[tuple[int, int], str] = {}
+    for entry in mount_table():
+        if entry.fstype != "overlay":
+            continue
+        for item in entry.options.split(","):  # a comma in a path is escaped (\054)
+            key, _, value = item.partition("=")
+            if key in ("upperdir", "workdir") and value:
+                try:
+                    st = os.stat(unescape_mountinfo(value))
+                except OSError:
+                    continue
+                found[(st.st_dev, st.st_ino)] = entry.mountpoint
+    return found
 
 
 def _lock(fd: int) -> bool:

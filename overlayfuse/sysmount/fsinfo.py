@@ -36,6 +36,7 @@ class MountEntry(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
+    options: str = ""  # the filesystem's own (super block) options, still escaped
 
 
 def mount_table() -> list[MountEntry]:
@@ -48,7 +49,8 @@ def mount_table() -> list[MountEntry]:
             fields, rfields = left.split(" "), right.split(" ")
             if len(fields) > 4:
                 out.append(MountEntry(fields[2], unescape_mountinfo(fields[4]), rfields[0],
-                                      unescape_mountinfo(rfields[1]) if len(rfields) > 1 else ""))
+                                      unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "",
+                                      rfields[2] if len(rfields) > 2 else ""))
     return out
 
 
