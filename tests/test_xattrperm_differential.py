@@ -295,8 +295,9 @@ def test_unprivileged_xattr_permissions_2_matches_fuse_overlayfs(unprivileged) -
             assert os.lstat(lay.upper / "mine").st_uid == u.uid
     ours, theirs = results["overlayfuse"], results["fuse-overlayfs"]
     me = [u.uid, u.gid]
-    # 1.10 resets the owner a chmod keeps (fixed in 1.14): the chmod's outcome apart
-    assert theirs.pop("stat mine after") == [0, 0, "0o640"]
+    # 1.10 resets the owner a chmod keeps (fixed in 1.14) on some runs and not on others
+    # (the same 1.10-1 binary, the same steps): the chmod's outcome apart
+    assert theirs.pop("stat mine after") in ([0, 0, "0o640"], [*me, "0o640"])
     assert ours.pop("stat mine after") == [*me, "0o640"]
     assert ours == theirs, (ours, theirs)
     # the root is the upper's, whose marker holds its real owner: the user's
