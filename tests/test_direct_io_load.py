@@ -1,13 +1,14 @@
 """Direct, asynchronous, buffered and mmap I/O on the same files at once: no hang.
 
-xfstests generic/095 runs fio with O_DIRECT readers and writers (sync, libaio, splice), buffered
-writers and mmap writers (one with the file opened O_DIRECT) on two files.  On overlayfuse it deadlocked the mount: each direct
-write waited, before its reply, for the kernel to drop the pages it made stale, and the kernel
-waited for page locks held by readahead and writeback requests that could not be sent while the
-unanswered direct writes held the connection's background slots.  Here the same mix runs for a
-few seconds on a kernel overlay and on overlayfuse: every worker must finish without an error,
-(EIO aside, which the kernel gives too), and a watchdog aborts the FUSE connection (so that the mount can be cleaned up) and fails the
-test when one does not.
+xfstests generic/095 runs fio with O_DIRECT readers and writers (sync, libaio, splice),
+buffered writers and mmap writers (one with the file opened O_DIRECT) on two files.  On
+overlayfuse it deadlocked the mount: each direct write waited, before its reply, for the kernel
+to drop the pages it made stale, and the kernel waited for page locks held by readahead and
+writeback requests that could not be sent while the unanswered direct writes held the
+connection's background slots.  Here the same mix runs for a few seconds on a kernel overlay
+and on overlayfuse: every worker must finish without an error (EIO aside, which the kernel
+gives too), and a watchdog aborts the FUSE connection (so that the mount can be cleaned up) and
+fails the test when one does not.
 """
 from __future__ import annotations
 
@@ -143,9 +144,9 @@ def _run_mix(mnt: Path) -> list[str]:
         paths.append(str(mnt / name))
     ctx = multiprocessing.get_context("fork")
     results: "multiprocessing.Queue[str]" = ctx.Queue()
+    workers = [(kind, threads) for kind, n, threads in MIX for _ in range(n)]
     procs = [ctx.Process(target=_worker, args=(paths, kind, threads, seed, results))
-             for seed, (kind, n, threads) in enumerate(
-                 (kind, n, threads) for kind, n, threads in MIX for _ in range(n))]
+             for seed, (kind, threads) in enumerate(workers)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + WATCHDOG

@@ -38,7 +38,7 @@ def claim(spec: OverlaySpec, kernel_mounts: bool = True) -> list[int]:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             st = os.fstat(fd)
             holder = kernel.get((st.st_dev, st.st_ino))
-            if holder is None and _lock(fd):
+            if holder is None and _lock(fd, st):
                 fds.append(fd)
                 continue
             os.close(fd)
@@ -75,8 +75,8 @@ def _kernel_overlay_dirs() -> dict[tuple[int, int], str]:
     return found
 
 
-def _lock(fd: int) -> bool:
-    """Take the exclusive lock on ``fd``; False when another mount keeps it.  A daemon that
+def _lock(fd: int, st: os.stat_result) -> bool:
+    """Take the exclusive lock on ``fd`` (of the file of ``st``); False when another mount keeps it.  A daemon that
     was killed holds it until its exit has closed its files (an fsync in flight can take a
     while): a remount right after a SIGKILL waits for that instead of failing."""
     deadline = time.monotonic() + DYING_WAIT
@@ -87,15 +87,14 @@ def _lock(fd: int) -> bool:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
-        holders = _holders(fd)
+        holders = _holders(st)
         if time.monotonic() >= deadline or not holders or not all(map(_dying, holders)):
             return False
         time.sleep(0.02)
 
 
-def _holders(fd: int) -> list[int]:
-    """The pids /proc/locks names as holding a flock on the file of ``fd``."""
-    st = os.fstat(fd)
+def _holders(st: os.stat_result) -> list[int]:
+    """The pids /proc/locks names as holding a flock on the file of ``st``."""
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids = []
     try:
