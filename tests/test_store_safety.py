@@ -8,15 +8,19 @@ finished making is still there with its content.
 
 Race test: 8 processes loop over snapshots, rollbacks, runs (writable and throwaway) and
 builds on one store while this process fingerprints every frozen layer again and again: a
-layer that can serve as a lower must never change, and the store must stay consistent.
+layer that can serve as a lower must never change (contents, metadata, xattrs, its root), never
+become a writable upper again, and the store must stay consistent.  A build step that leaves a
+process running must not become a frozen layer that process could still write.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -222,17 +226,66 @@ ALLOWED = ("is mounted writable", "is in use", "no snapshot", "exists already", 
            "in use by")
 
 
-def _fingerprint(path: Path) -> str:
+# What the store lets serve as a lower (``use.take`` stacks chains of these): a layer held by a
+# snapshot or special reference other than ``.upper``, by a build step, or as a child's parent.
+# A config's ``.upper`` that is not also its ``.current`` is its live upper (``reap`` keeps work
+# dirs for exactly these); the store never lets one of those be held any other way.
+FROZEN_SQL = ("SELECT id FROM layers WHERE id IN (SELECT layer FROM refs WHERE name<>'.upper')"
+              " OR id IN (SELECT layer FROM steps)"
+              " OR id IN (SELECT parent FROM layers WHERE parent IS NOT NULL)")
+LIVE_UPPERS_SQL = ("SELECT u.layer FROM refs u JOIN refs c ON u.config=c.config"
+                   " WHERE u.name='.upper' AND c.name='.current' AND u.layer<>c.layer")
+
+
+def _catalog_view(base: Path) -> tuple[set[str], set[str]]:
+    """(frozen layers, live uppers), both from ONE read transaction: two autocommit SELECTs are
+    two snapshots, and a run allocating an upper between them made a fresh, still empty upper
+    look frozen (then written by its run: a false "frozen layer changed")."""
+    store = LayerStore(str(base))
+    try:
+        conn = store.db()
+        conn.execute("BEGIN")      # deferred: the first SELECT fixes the snapshot for both
+        try:
+            frozen = {r[0] for r in conn.execute(FROZEN_SQL)}
+            live = {r[0] for r in conn.execute(LIVE_UPPERS_SQL)}
+        finally:
+            conn.execute("COMMIT")
+        return frozen, live
+    finally:
+        store.close()
+
+
+def _fingerprint(root: Path) -> str:
+    """All a lower shows through an overlay, the root dir included: names, types, modes,
+    owners, sizes, mtimes, data, symlink targets, device numbers, every xattr (overlay markers
+    too).  Not atime (reads move it) nor ctime (the store renames layer dirs).  An OSError means
+    the layer went away (reaped) or an entry vanished: the caller tells which."""
     h = hashlib.sha256()
-    for d, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            p = os.path.join(d, name)
-            st = os.lstat(p)
-            h.update(f"{p} {st.st_mode} {st.st_size} {st.st_mtime_ns} {st.st_rdev}".encode())
-            if os.path.isfile(p) and not os.path.islink(p):
-                with open(p, "rb") as f:
-                    h.update(f.read())
+
+    def entry(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        h.update(b"%d:%s %o %d %d %d %d %d\n" % (len(rel), rel, st.st_mode, st.st_uid,
+                                                   st.st_gid, st.st_size, st.st_mtime_ns,
+                                                   st.st_rdev))
+        for name in sorted(os.listxattr(path, follow_symlinks=False)):
+            value = os.getxattr(path, name, follow_symlinks=False)
+            h.update(b"x %r %d:%s\n" % (name.encode(), len(value), value))
+        if stat.S_ISLNK(st.st_mode):
+            h.update(b"-> %r\n" % os.readlink(path))
+        elif stat.S_ISREG(st.st_mode):
+            data = hashlib.sha256()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                while chunk := os.read(fd, 1 << 20):
+                    data.update(chunk)
+            finally:
+                os.close(fd)
+            h.update(b"= %s\n" % data.hexdigest().encode())
+        elif stat.S_ISDIR(st.st_mode):
+            for name in sorted(os.listdir(path)):
+                entry(path + b"/" + name, rel + b"/" + name)
+
+    entry(os.fsencode(root), b"")
     return h.hexdigest()
 
 
@@ -246,29 +299,35 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(base), str(w), str(seconds),
                                str(tmp_path / "steps")], env=ENV, stdout=subprocess.PIPE,
                               text=True) for w in range(8)]
-    seen: dict[str, str] = {}
-    changed: list[str] = []
+    seen: dict[str, str] = {}            # frozen layer -> its fingerprint when first seen
+    changed: dict[str, str] = {}         # frozen layer -> how it changed
+    unfrozen: set[str] = set()           # seen frozen, later a live upper
     checks = 0
+
+    def check_frozen_layers() -> None:
+        frozen, live = _catalog_view(base)
+        unfrozen.update(live & (frozen | set(seen)))
+        for layer in sorted(frozen):
+            path = base / "layers" / layer
+            try:
+                fp = _fingerprint(path)
+            except OSError as e:
+                if not path.is_dir():
+                    continue   # reaped (renamed away whole) while we read it
+                if e.errno not in (errno.ENOENT, errno.ENODATA):
+                    raise
+                changed.setdefault(layer, f"{e.filename}: {e.strerror} while it was read")
+                continue
+            if seen.setdefault(layer, fp) != fp:
+                changed.setdefault(layer, "fingerprint differs")
+
     try:
         while any(p.poll() is None for p in procs):
-            store = LayerStore(str(base))
-            conn = store.db()
-            writable = {u for (u,) in conn.execute(
-                "SELECT u.layer FROM refs u JOIN refs c ON u.config=c.config "
-                "WHERE u.name='.upper' AND c.name='.current' AND u.layer<>c.layer")}
-            frozen = cat.layer_ids(conn) - writable
-            store.close()
-            for layer in frozen:
-                try:
-                    fp = _fingerprint(base / "layers" / layer)
-                except FileNotFoundError:
-                    continue
-                if not (base / "layers" / layer).is_dir():
-                    continue   # removed while we read it
-                if seen.setdefault(layer, fp) != fp:
-                    changed.append(layer)
+            check_frozen_layers()
             checks += 1
             time.sleep(0.1)
+        check_frozen_layers()   # and once after the last operation of every worker
+        checks += 1
         outs = [p.communicate(timeout=120)[0] for p in procs]
         logs = "".join(Path(f"{tmp_path / 'steps'}{w}.log").read_text()[-2000:]
                        for w in range(8))
@@ -281,7 +340,8 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs)
-    assert changed == [], f"frozen layers changed: {changed}"
+    assert changed == {}, f"frozen layers changed: {changed}"
+    assert unfrozen == set(), f"frozen layers became writable uppers: {unfrozen}"
     counts: dict[str, int] = {}
     errors: dict[str, int] = {}
     for r in results:
@@ -297,6 +357,7 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
           f"{sum(errors.values())} refused {errors}, {len(seen)} frozen layers "
           f"fingerprinted over {checks} passes, none changed")
     assert sum(counts.values()) > 100
+    assert len(seen) > 10 and checks > 10
 
 
 def test_a_command_outliving_its_killed_run_still_holds_the_upper(tmp_path: Path) -> None:
@@ -320,3 +381,38 @@ def test_a_command_outliving_its_killed_run_still_holds_the_upper(tmp_path: Path
                        capture_output=True, text=True)
     assert r.stdout == "a\nb\n"
     check_consistent(base)
+
+
+def test_a_build_step_leaving_a_process_running_is_not_frozen(tmp_path: Path) -> None:
+    """A step's leftover process still writes through the overlay into the step's upper: had
+    that upper become a cached layer, a frozen layer (a lower of later steps) would change."""
+    base = tmp_path / "store"
+    steps = tmp_path / "steps"
+    steps.write_text("echo a > a\n"
+                     "echo b > b; (sleep 1; echo late > late) >/dev/null 2>&1 &\n")
+    build = [sys.executable, "-m", "overlayfuse", "build", "--base", str(base), "--config", "c",
+             str(steps)]
+    proc = subprocess.Popen(build, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        _wait_group_gone(proc.pid)    # the leftover writer is done (or was never there)
+    assert proc.returncode == 1 and "left processes running" in err, err
+    check_consistent(base)
+    written = [str(p) for p in (base / "layers").rglob("*") if p.name in ("b", "late")]
+    assert written == [], written
+    store = LayerStore(str(base))
+    try:
+        assert store.db().execute("SELECT count(*) FROM steps").fetchone()[0] == 1
+    finally:
+        store.close()
+    # a step that waits for what it starts is fine
+    steps.write_text("echo a > a\necho b > b; (sleep 0.2; echo late > late) & wait\n")
+    r = subprocess.run(build, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(ovf_cmd(base, "--config", "c", "run", "--", "cat", "a", "b", "late"),
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.stdout == "a\nb\nlate\n", r.stderr
+    check_consistent(base)
+    assert mounts_under(tmp_path) == []
