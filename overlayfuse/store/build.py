@@ -5,7 +5,8 @@ step N-1's layer, and its upper is kept as a layer keyed by sha256(parent key, s
 rerun reuses every unchanged step and starts at the first changed one.  A failing step keeps
 the steps before it; the next run starts at the failed one.  The result becomes the config's
 current state (and, with ``--tag``, a snapshot of that name).  A step that changes nothing
-keeps its parent's layer, so no empty layers pile up in the chain.
+keeps its parent's layer, so no empty layers pile up in the chain.  A step that leaves
+processes running fails: they could still write its layer once it is frozen and shared.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..errors import OverlayfuseError
 from . import catalog as cat
 from .config import Config
 from .disk import is_empty_dir
+from .locks import LayerLocks, is_locked
 from .store import check_name
 from .use import Use, take
 
@@ -119,10 +121,10 @@ def _run_step(config: Config, parent: str, key: str, step: str, backend: str,
     use = _stack_on(config, parent)
     started = time.monotonic()
     try:
-        status = run_in_view(use.spec, ["sh", "-c", step], backend=backend)
+        assert use.tmp is not None and use.spec.upperdir is not None
+        status = _run_watched(use, step, backend)
         if status != 0:
             return status, parent
-        assert use.tmp is not None and use.spec.upperdir is not None
         changed = not is_empty_dir(use.spec.upperdir) or _root_changed(
             use.spec.upperdir, store.layout.layer(parent))
         with store.txn() as conn:
@@ -145,6 +147,24 @@ def _run_step(config: Config, parent: str, key: str, step: str, backend: str,
     finally:
         use.release()
         store.reap()
+
+
+def _run_watched(use: Use, step: str, backend: str) -> int:
+    """Run the step holding a shared lock its processes inherit: once the shell exits, anything
+    it left running (still in the overlay, able to write the upper) holds that lock, and the
+    upper must not become a frozen layer that such a process could still change."""
+    assert use.tmp is not None
+    path = os.path.join(use.tmp.path, "step.lock")
+    watch = LayerLocks()
+    watch.take(path, exclusive=False)
+    try:
+        status = run_in_view(use.spec, ["sh", "-c", step], backend=backend)
+    finally:
+        watch.release()
+    if status == 0 and is_locked(path):
+        raise OverlayfuseError(f"the step left processes running that could still change its "
+                               f"result (a step must wait for, or stop, what it starts): {step}")
+    return status
 
 
 def _stack_on(config: Config, parent: str) -> Use:
