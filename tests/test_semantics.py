@@ -14,7 +14,9 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlays and m
 
 SYSTEMS = ("kernel", "overlayfuse")
 FIXED_NS = 1_000_000_000 * 10**9  # 2001-09-09: a time no test run produces by itself
+_CLOCK_REALTIME_COARSE = 5  # the clock of file timestamps (Python has no name for it)
+# two ticks of it: a change that far after a stat must give a later time on any filesystem
+TIMESTAMP_TICK = 2 * time.clock_getres(_CLOCK_REALTIME_COARSE)
 TRUSTED_OVL = "trusted.overlay."
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -584,17 +589,60 @@ def test_rename_dir_edge_cases(system: str, layers: Layers) -> None:
 
 
 def test_parent_times_change_with_its_entries(system: str, layers: Layers) -> None:
-    """Creating or deleting an entry updates the directory's mtime and ctime (in a lower-only
-    directory too, after its copy-up)."""
-    build(layers.lowers[0], {"d/x": b"x", "e/y": b"y"})
+    """Each entry change (create, unlink, mkdir, rmdir, symlink, link, a rename out of one
+    directory into another) moves its directory's mtime and ctime on: first in a lower-only
+    directory, which the change copies up, then in that directory again, now an upper one.
+
+    Times are read before and after each change, a clock tick apart (ctime cannot be set back).
+    """
+    build(layers.lowers[0], {"cr/": DIR, "un/a": b"a", "un/b": b"b", "mk/": DIR, "rm/a/": DIR,
+                             "rm/b/": DIR, "sy/": DIR, "ln/": DIR, "t": b"t", "src/f": b"f",
+                             "dst/": DIR})
     with mount_system(system, layers):
         m = layers.mnt
-        assert os.lstat(m / "d").st_mtime_ns == FIXED_NS
-        (m / "d/new").write_bytes(b"n")
-        os.unlink(m / "e/y")
-        for d in ("d", "e"):
-            st = os.lstat(m / d)
-            assert st.st_mtime_ns > FIXED_NS and st.st_ctime_ns > FIXED_NS, d
+
+        def changes(n: str) -> list[tuple[str, tuple[str, ...], Callable[[], object]]]:
+            """(what, the directories it changes, how) with new names *n*."""
+            return [
+                ("create", ("cr",), partial((m / "cr" / n).write_bytes, b"n")),
+                ("unlink", ("un",), partial(os.unlink, m / "un" / n)),
+                ("mkdir", ("mk",), partial(os.mkdir, m / "mk" / n)),
+                ("rmdir", ("rm",), partial(os.rmdir, m / "rm" / n)),
+                ("symlink", ("sy",), partial(os.symlink, "target", m / "sy" / n)),
+                ("link", ("ln",), partial(os.link, m / "t", m / "ln" / n)),
+            ]
+
+        first = [*changes("a"), ("rename", ("src", "dst"),
+                                 partial(os.rename, m / "src/f", m / "dst/f"))]
+        again = [*changes("b"), ("rename", ("dst", "src"),
+                                 partial(os.rename, m / "dst/f", m / "src/f"))]
+        stale: list[str] = []
+        for what, dirs, change in first:
+            for d in dirs:
+                assert not (layers.upper / d).exists(), f"{d} is not lower-only"
+                assert os.lstat(m / d).st_mtime_ns == FIXED_NS, d
+            stale += _stale_times(m, what, dirs, change)
+            assert all((layers.upper / d).is_dir() for d in dirs), f"{what}: no copy-up"
+        for what, dirs, change in again:
+            for d in dirs:
+                os.utime(m / d, ns=(FIXED_NS, FIXED_NS))  # its mtime back; its ctime now
+            stale += _stale_times(m, what, dirs, change)
+        assert stale == []
+
+
+def _stale_times(m: Path, what: str, dirs: tuple[str, ...],
+                 change: Callable[[], object]) -> list[str]:
+    """The times of *dirs* that *change* did not move on (read a clock tick before it)."""
+    before = {d: os.lstat(m / d) for d in dirs}
+    time.sleep(TIMESTAMP_TICK)
+    change()
+    out = []
+    for d in dirs:
+        st = os.lstat(m / d)
+        for t in ("st_mtime_ns", "st_ctime_ns"):
+            if getattr(st, t) <= getattr(before[d], t):
+                out.append(f"{what}: {d} {t} {getattr(before[d], t)} -> {getattr(st, t)}")
+    return out
 
 
 def test_renameat2_noreplace_and_exchange(system: str, layers: Layers) -> None:
