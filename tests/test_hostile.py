@@ -129,6 +129,7 @@ def test_hostile_layers_answer_like_the_kernel(tmp_path: Path) -> None:
         ours = walk(f / "mnt")
         assert dm.alive(), "the daemon died"
         assert sorted(os.listdir(f / "mnt"))  # and still serves
+    _assert_plain_stderr(dm.stderr())
     assert b"/" + b"/".join([LONG.encode()] * 17) + b"/bottom" in kernel
     diffs = [f"{p!r}: kernel {kernel.get(p)!r} overlayfuse {ours.get(p)!r}"
              for p in sorted(set(kernel) | set(ours)) if kernel.get(p) != ours.get(p)]
@@ -154,21 +155,51 @@ def _outside_intact(out: Path) -> None:
 
 
 def _mount_outcome(system: str, root: Path, extra: tuple[str, ...] = ()) -> Any:
-    """``ops`` on the mount of the layers under ``root``, or "refused" when it does not mount;
-    the daemon must still answer afterwards."""
+    """``index_ops`` on the mount of the layers under ``root``, or "refused" when the mount
+    never came up: mount(8) of the kernel's overlay failed, or the daemon exited non-zero
+    before mounting with one ``overlayfuse:`` line.  A mount that came up and then failed
+    (its teardown too) is no refusal; the daemon's stderr holds no traceback either way."""
     from mounts import MountError
     lowers = [root / "lower0", root / "lower1"]
+    mounted = False
     try:
         if system == "kernel":
             with kernel_overlay(lowers, root / "upper", root / "work", root / "mnt") as m:
+                mounted = True
                 return index_ops(m)
         with overlayfuse_mount(lowers, root / "upper", root / "work", root / "mnt",
                                extra) as dm:
+            mounted = True
             res = index_ops(root / "mnt")
             assert dm.alive() and sorted(os.listdir(root / "mnt")), "the daemon died"
-            return res
-    except MountError:
+    except MountError as e:
+        if mounted:
+            raise  # it mounted a hostile index, then failed: not the refusal it must be
+        if system != "kernel":
+            _assert_refused_at_setup(e, root)
         return "refused"
+    _assert_plain_stderr(dm.stderr())
+    return res
+
+
+def _assert_plain_stderr(text: str) -> None:
+    """The daemon spoke only in ``overlayfuse:`` lines: no traceback, no stray output."""
+    assert "Traceback" not in text, f"the daemon crashed:\n{text}"
+    stray = [ln for ln in text.splitlines() if not ln.startswith("overlayfuse: ")]
+    assert not stray, f"daemon stderr not in overlayfuse: lines:\n{text}"
+
+
+def _assert_refused_at_setup(e: Exception, root: Path) -> None:
+    """The daemon exited with a non-zero status before the mount came up (not a hang, not a
+    mount that failed later), saying why in exactly one ``overlayfuse:`` line."""
+    import re
+    status = re.search(r"exited with status (-?\d+) before mounting", str(e))
+    assert status and int(status[1]) > 0, f"not a refusal at setup: {e}"
+    logs = sorted(root.glob(f".{(root / 'mnt').name}.overlayfuse.*.log"))
+    assert len(logs) == 1, f"one daemon log expected under {root}: {logs}"
+    text = logs[0].read_text(errors="replace")
+    _assert_plain_stderr(text)
+    assert len(text.splitlines()) == 1, f"a refusal is one overlayfuse: line:\n{text}"
 
 
 def index_ops(m: Path) -> dict[str, Any]:
@@ -325,6 +356,7 @@ def test_whiteout_of_the_wrong_device(tmp_path: Path, mode: str) -> None:
             with overlayfuse_mount(lowers, up, work, mnt, MODES[mode]) as dm:
                 res[system] = whiteout_ops(mnt)
                 assert dm.alive() and os.listdir(mnt), "the daemon died"
+            _assert_plain_stderr(dm.stderr())
     assert res["kernel"]["stat f"][0][0] == "c" and res["kernel"]["stat f"][1:] == (1, 3)
     assert res["overlayfuse"] == res["kernel"]
 
