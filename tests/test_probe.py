@@ -1,8 +1,10 @@
 """The probe: real trial mounts per backend, facts about the directory, cache, cleanup."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mounts import REPO, mounts_under
+from mounts import REPO, force_unmount, mounts_under, overlayfuse_pids
 from overlayfuse import sysmount
 from overlayfuse.probe import (BACKENDS, SCRATCH_PREFIX, Report, _cache_key, cache_path,
                                probe)
@@ -102,32 +104,103 @@ def test_stale_scratch_of_a_killed_probe_is_removed(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == [alive.name]
 
 
-PROBE_CODE = ("import sys; from overlayfuse.probe import probe; "
-              "probe(sys.argv[1], refresh=True); print('done')")
+# The real probe, held at one trial: that trial's exercise (in the trial's child, its overlay
+# mounted) runs, says so on stdout and waits, so the test kills a probe known to be mid-trial.
+HELD_PROBE = """
+import sys, time
+from pathlib import Path
+from overlayfuse.probe import probe, trials
+real_exercise = trials.exercise
+
+def held_exercise(merged):
+    real_exercise(merged)
+    if Path(merged).parent.name == sys.argv[2]:
+        print("held", merged, flush=True)
+        time.sleep(60)
+
+trials.exercise = held_exercise
+probe(sys.argv[1], refresh=True)
+print("done", flush=True)
+"""
 
 
-@pytest.mark.parametrize("delay", [0.02, 0.08, 0.15])
-def test_killed_probe_leaves_nothing(tmp_path: Path, private_probe_cache: Path, delay: float) -> None:
-    """SIGTERM: the probe cleans up itself. SIGKILL: the next probe removes the remains."""
+def _read_line(p: subprocess.Popen[str], timeout: float) -> str:
+    """The next line the process prints, or "" when it ends or says nothing in *timeout*."""
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    return p.stdout.readline() if ready else ""
+
+
+def _probe_processes_gone(tmp_path: Path, timeout: float = 10.0) -> list[int]:
+    """Processes of the killed probe (its trial child, its FUSE daemon) still alive after
+    *timeout*: they end by themselves once their probe is gone."""
+    deadline = time.monotonic() + timeout
+    while overlayfuse_pids(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return overlayfuse_pids(tmp_path)
+
+
+@pytest.mark.parametrize("trial", ["kernel", "userns", "fuse"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_killed_probe_leaves_nothing(tmp_path: Path, private_probe_cache: Path, trial: str,
+                                     sig: signal.Signals) -> None:
+    """Killed mid-trial (its scratch dir there, the FUSE trial's mount up): on SIGTERM the
+    probe cleans up itself; after SIGKILL its FUSE daemon goes, and the next probe removes
+    the scratch dir."""
     env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(private_probe_cache))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        # start the probe, then wait until it is inside a trial before killing it
-        p = subprocess.Popen([sys.executable, "-c", PROBE_CODE, str(tmp_path)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not leftovers(tmp_path) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(delay)
-        p.send_signal(sig)
-        p.communicate(timeout=20)
+    p = subprocess.Popen([sys.executable, "-c", HELD_PROBE, str(tmp_path), trial], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        scratch = _kill_mid_trial(p, tmp_path, trial, sig)
         if sig == signal.SIGTERM:
-            time.sleep(0.1)
-            assert leftovers(tmp_path) == [], p.returncode
+            assert leftovers(tmp_path) == []
             assert mounts_under(tmp_path) == []
+            assert _probe_processes_gone(tmp_path) == []
         else:
+            assert leftovers(tmp_path) == [scratch.name]  # SIGKILL: no clean-up of its own
+            assert _probe_processes_gone(tmp_path) == []
+            assert mounts_under(tmp_path) == []  # the FUSE daemon unmounts when its prober dies
             probe(str(tmp_path), refresh=True)
             assert leftovers(tmp_path) == []
             assert mounts_under(tmp_path) == []
+    finally:
+        _stop_remains(p, tmp_path)
+
+
+def _kill_mid_trial(p: subprocess.Popen[str], tmp_path: Path, trial: str,
+                    sig: signal.Signals) -> Path:
+    """Wait until the held probe is inside *trial*, check that state, send *sig*; the probe
+    must die of it before finishing.  Returns the probe's scratch dir."""
+    line = _read_line(p, 20)
+    assert line.startswith("held "), f"the probe never reached its {trial} trial: {line!r}"
+    merged = Path(line.split(" ", 1)[1].rstrip("\n"))
+    scratch = merged.parents[1]
+    # the state the kill lands in: the probe is running, inside its scratch dir's trial
+    assert p.poll() is None
+    assert scratch.parent == tmp_path and leftovers(tmp_path) == [scratch.name]
+    assert merged.is_dir() and merged.parent.name == trial
+    # the probe and its trial's child, and the FUSE trial's daemon
+    held = overlayfuse_pids(tmp_path)
+    assert p.pid in held and len(held) == (3 if trial == "fuse" else 2), held
+    if trial == "fuse":
+        assert [m.mountpoint for m in mounts_under(tmp_path)] == [str(merged)]
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == -sig, (p.returncode, out, err)
+    assert "done" not in out
+    return scratch
+
+
+def _stop_remains(p: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Whatever a failed test left: the probe, its trial child and daemon, their mounts."""
+    if p.poll() is None:
+        p.kill()
+        p.communicate()
+    for pid in overlayfuse_pids(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for m in reversed(mounts_under(tmp_path)):
+        force_unmount(m.mountpoint)
 
 
 def test_probe_facts_on_an_overlay_directory(tmp_path: Path) -> None:
