@@ -177,12 +177,20 @@ def _big_block(i: int) -> bytes:
     return (b"%08d" % i) * (MIB // 8)
 
 
-def _check_big(path: Path) -> None:
-    """The file is exactly the lower's content (each MiB stamped with its number)."""
+# the first MiB after the writer's one-byte write at offset 0 (the new state)
+NEW_FIRST = b"X" + _big_block(0)[1:]
+
+
+def _check_big(path: Path, new: bool = False) -> None:
+    """The file is exactly the lower's content (each MiB stamped with its number), byte for
+    byte; with *new*, or that content with the writer's X at offset 0."""
     assert os.stat(path).st_size == BIG_MIB * MIB
     with open(path, "rb") as f:
-        for i in range(BIG_MIB):
+        first = f.read(MIB)
+        assert first == _big_block(0) or new and first == NEW_FIRST, f"{path}: MiB 0 differs"
+        for i in range(1, BIG_MIB):
             assert f.read(MIB) == _big_block(i), f"{path}: MiB {i} differs"
+        assert f.read(1) == b""
 
 
 def test_sigkill_during_copy_up_leaves_old_or_new_state(layers: Layers) -> None:
@@ -216,23 +224,21 @@ def test_sigkill_during_copy_up_leaves_old_or_new_state(layers: Layers) -> None:
     assert workdir_files, "the copy-up finished before a temp file was seen in work/"
     assert writer.returncode != 0, "the write succeeded although the daemon was killed"
     # the upper: the old state (nothing) or the new one (a complete copy), never a partial file
+    _check_big(big)  # the lower itself is never written
     up = layers.upper / "big"
-    if up.exists():
-        with open(up, "rb") as f:
-            first = f.read(MIB)
-        assert os.stat(up).st_size == BIG_MIB * MIB
-        assert first in (_big_block(0), b"X" + _big_block(0)[1:])
+    copied = up.exists()
+    if copied:
+        _check_big(up, new=True)
     with cleanup(layers.mnt):
         start_background(layers)
-        if not up.exists():
-            _check_big(layers.mnt / "big")
+        _check_big(layers.mnt / "big", new=copied)
         r = cli("umount", str(layers.mnt))
         assert r.returncode == 0, r.stderr
     if not up.exists():
         work2 = layers.root / "work2"
         work2.mkdir()
         with kernel_overlay(layers.lowers, layers.upper, work2, layers.mnt):
-            assert os.stat(layers.mnt / "big").st_size == BIG_MIB * MIB
+            _check_big(layers.mnt / "big")
             assert sorted(os.listdir(layers.mnt)) == ["big", "hello"]
 
 
