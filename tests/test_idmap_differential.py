@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,24 +35,49 @@ UNMAPPED_USER = (200000, 200000)  # outside the mapped range
 ROOT = (0, 0)                     # the host's root: not in the mapped range either
 
 
+class ChildFailed(AssertionError):
+    """A step's child crashed instead of giving an outcome: never a result to compare."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def as_ids(ids: tuple[int, int], fn: Callable[..., Any], *args: Any) -> str:
-    """``outcome(fn, *args)`` in a child running as uid/gid ``ids`` (no supplementary groups)."""
+    """``outcome(fn, *args)`` in a child running as uid/gid ``ids`` (no supplementary groups).
+
+    An errno is an outcome; any other exception, a signal or a non-zero exit of the child is
+    not: it raises ChildFailed with the child's traceback, so that a step that crashed on both
+    mounts cannot compare equal.
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        status = 1
         try:
             os.close(r)
-            os.setgroups([])
-            os.setresgid(ids[1], ids[1], ids[1])
-            os.setresuid(ids[0], ids[0], ids[0])
-            os.write(w, repr(outcome(fn, *args)).encode())
+            try:
+                os.setgroups([])
+                os.setresgid(ids[1], ids[1], ids[1])
+                os.setresuid(ids[0], ids[0], ids[0])
+                text, ok = repr(outcome(fn, *args)), True
+            except BaseException:
+                text, ok = traceback.format_exc(), False
+            _write_all(w, text.encode(errors="backslashreplace"))
+            status = 0 if ok else 1  # only once the whole outcome is written
         finally:
-            os._exit(0)
+            os._exit(status)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
-        result = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return result
+        text = pipe.read().decode(errors="backslashreplace")
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        how = (f"killed by signal {-code} ({signal.strsignal(-code)})" if code < 0
+               else f"exited with status {code}")
+        raise ChildFailed(f"the child running {getattr(fn, '__name__', fn)}{args!r} as "
+                          f"{ids} {how}:\n{text}")
+    return text
 
 
 def owner(path: Path) -> tuple[int, int]:
