@@ -7,8 +7,8 @@ open descriptors kept across other changes.  Operations in different subtrees co
 replaying each worker's log, one worker after the other, on a kernel overlay over the same
 lowers must give every operation the same outcome and the same final tree.  All workers also
 contend in ``shared/`` (mkdir, rmdir, create, unlink, rename of a few common names), where the
-order decides the outcome: there only the errnos that some order can give are allowed, never
-ESTALE or EIO.
+order decides the outcome: there only the errnos that some order can give (on any filesystem,
+per operation and target: SHARED_ERRNOS) are allowed, never ESTALE or EIO.
 """
 from __future__ import annotations
 
@@ -35,11 +35,26 @@ _KINDS = (  # (kind, weight)
     ("fd_open", 3), ("fd_read", 2), ("fd_write", 2), ("fd_fstat", 2), ("fd_close", 1),
 )
 _NAMES, _WEIGHTS = zip(*_KINDS)
-# what an order of the other workers' operations can make a shared-dir operation answer
-SHARED_ERRNOS = {
-    "mkdir": {"EEXIST", "ENOENT"}, "rmdir": {"ENOENT", "ENOTEMPTY"},
-    "create": {"ENOENT"}, "unlink": {"ENOENT"}, "rename": {"ENOENT"},
-    "stat": {"ENOENT"}, "listdir": {"ENOENT"},
+# What some order of the other workers' operations can make a shared-dir operation answer
+# on any filesystem, per operation and target (see shared_form).  shared/ is made before the
+# mount and no operation removes or renames it; only fN are files and only dN and dN/s dirs.
+SHARED_ERRNOS: dict[str, frozenset[str]] = {
+    "mkdir dN": frozenset({"EEXIST"}),  # another worker made dN first
+    # EEXIST: s made first; ENOENT: dN not made yet, or removed meanwhile
+    "mkdir dN/s": frozenset({"EEXIST", "ENOENT"}),
+    # ENOENT: dN removed first, or never made; ENOTEMPTY: another worker made dN/s in it
+    "rmdir dN": frozenset({"ENOENT", "ENOTEMPTY"}),
+    # ENOENT: s (or dN) not there; nothing is ever made inside s, so never ENOTEMPTY
+    "rmdir dN/s": frozenset({"ENOENT"}),
+    # O_CREAT without O_EXCL in a dir that stays: the file is made or the one found opened
+    # (an unlink or rename after the lookup leaves what it opened valid): never an errno
+    "create fN": frozenset(),
+    "unlink fN": frozenset({"ENOENT"}),  # another worker unlinked or renamed it away first
+    # ENOENT: the source is not there (unlinked or renamed away); the target, if any, is a
+    # file in the same dir, which a rename replaces
+    "rename fN": frozenset({"ENOENT"}),
+    "stat dN/s": frozenset({"ENOENT"}),  # s or dN not there
+    "listdir shared": frozenset(),  # shared/ always there
 }
 
 
@@ -103,6 +118,14 @@ def shared_op(rng: random.Random) -> Op:
             Op("stat", (d + "/s", False)), Op("listdir", (SHARED,))][choice - 4]
 
 
+def shared_form(op: Op) -> str:
+    """The key of ``SHARED_ERRNOS`` for a shared-dir operation: its kind and target's form."""
+    target = op.args[0].removeprefix(SHARED + "/")
+    if target == SHARED:
+        return f"{op.kind} {SHARED}"
+    return f"{op.kind} {target[0]}N{'/s' if target.endswith('/s') else ''}"
+
+
 def _mmap(path: str, off: int, length: int, data: bytes | None) -> Any:
     fd = os.open(path, (os.O_RDWR if data else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -154,7 +177,7 @@ def worker(mnt: str, n: int, seconds: float, seed: int, out: str, progress: Any)
             if rng.random() < 0.25:
                 op = shared_op(rng)
                 status, value = run_op(op, root)
-                if status == "err" and value not in SHARED_ERRNOS[op.kind]:
+                if status == "err" and value not in SHARED_ERRNOS[shared_form(op)]:
                     unexpected.append((op, (status, value)))
             else:
                 op = private_op(rng)
