@@ -2,21 +2,22 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import signal
 import tempfile
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
-from ..errors import OverlayfuseError
+# the fork/exec path moved down to the sandbox (its floor is below ours); re-exported here
+from ..sandbox.process import SETUP_FAILED, CommandError, spawn, wait_forwarding
 from ..spec import OverlaySpec
 
 log = logging.getLogger(__name__)
 
 Purpose = Literal["mount", "run"]
+
+__all__ = ["Backend", "CommandError", "Mount", "Purpose", "SETUP_FAILED", "Verdict", "inside",
+           "merged_env", "run_dir", "run_mountpoint", "spawn", "wait_forwarding"]
 
 
 @dataclass(frozen=True)
@@ -83,133 +84,6 @@ class Backend:
             map_root: bool = False) -> int:
         """Run ``argv`` with its cwd in the merged tree; return its exit status (128+sig)."""
         raise NotImplementedError
-
-
-class CommandError(OverlayfuseError):
-    """The command of ``run`` could not be started; ``status`` is the shell's code (126/127)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-SETUP_FAILED = 125  # run's own failure, as docker/podman report it
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def spawn(argv: Sequence[str], cwd: Callable[[], str] | str, env: dict[str, str],
-          setup: Callable[[], None] | None = None) -> int:
-    """Fork, run ``setup`` in the child (namespaces, mounts), chdir, exec ``argv``: the PID.
-
-    Failures before exec come back through a close-on-exec pipe as OverlayfuseError (setup)
-    or CommandError (exec).  The forwarded signals stay blocked until the caller waits with
-    ``wait_forwarding``, so none is lost between fork and handler installation; the child
-    resets them to their defaults before exec.
-    """
-    if not argv:
-        raise OverlayfuseError("no command to run")
-    r, w = os.pipe2(os.O_CLOEXEC)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-    try:
-        pid = os.fork()
-    except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise
-    if pid == 0:
-        stage = "S"
-        try:
-            os.close(r)
-            for s in FORWARDED:
-                signal.signal(s, signal.SIG_DFL)
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            if setup is not None:
-                setup()
-            os.chdir(cwd() if callable(cwd) else cwd)
-            stage = "X"
-            os.execvpe(argv[0], list(argv), env)
-        except BaseException as e:
-            err = getattr(e, "errno", 0) or 0
-            text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            try:
-                os.write(w, f"{stage}{err} {text}".encode(errors="replace"))
-            finally:
-                os._exit(SETUP_FAILED)
-        os._exit(SETUP_FAILED)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as f:
-            msg = f.read().decode(errors="replace")
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        raise
-    if msg:
-        try:
-            os.waitpid(pid, 0)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        stage, rest = msg[0], msg[1:]
-        num, _, text = rest.partition(" ")
-        if stage == "X":
-            status = 127 if int(num or 0) == errno.ENOENT else 126
-            raise CommandError(f"cannot run {argv[0]}: {text}", status)
-        raise OverlayfuseError(text)
-    _pending_masks[pid] = old_mask
-    return pid
-
-
-_pending_masks: dict[int, object] = {}
-
-
-def _terminal_sends_sigint() -> bool:
-    """True when we run in the terminal's foreground group: Ctrl-C reaches the child too."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return os.tcgetpgrp(fd) == os.getpgrp()
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def wait_forwarding(pid: int) -> int:
-    """Wait for ``pid``, forwarding SIGINT/SIGTERM/SIGHUP to it; its status as a shell gives it.
-
-    A signal death becomes 128+signal.  SIGINT is not forwarded when the terminal already sent
-    it to the whole foreground group (the child would get Ctrl-C twice).
-    """
-    old_mask = _pending_masks.pop(pid, None)
-    in_main = threading.current_thread() is threading.main_thread()
-    skip_int = _terminal_sends_sigint()
-    old: dict[int, object] = {}
-
-    def forward(sig: int, frame: object) -> None:
-        if sig == signal.SIGINT and skip_int:
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    try:
-        if in_main:
-            old = {s: signal.signal(s, forward) for s in FORWARDED}
-        if old_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # type: ignore[arg-type]
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)  # type: ignore[arg-type]
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def merged_env(mountpoint: str, env: dict[str, str] | None) -> dict[str, str]:

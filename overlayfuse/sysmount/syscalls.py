@@ -13,11 +13,18 @@ import os
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
@@ -30,7 +37,9 @@ _SYS_MOVE_MOUNT = 429
 _SYS_FSOPEN = 430
 _SYS_FSCONFIG = 431
 _SYS_FSMOUNT = 432
+_SYS_MOUNT_SETATTR = 442
 SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "riscv64": 61}.get(os.uname().machine, 217)
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}.get(os.uname().machine, 155)
 
 FSOPEN_CLOEXEC = 1
 FSMOUNT_CLOEXEC = 1
@@ -39,6 +48,8 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 1
 
 PR_SET_PDEATHSIG = 1
 
@@ -79,6 +90,21 @@ def umount2(target: str, flags: int = 0) -> None:
 def unshare(flags: int) -> None:
     """unshare(2)."""
     check(libc.unshare(flags), "unshare")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2)."""
+    check(libc.syscall(_SYS_PIVOT_ROOT, fsbytes(new_root), fsbytes(put_old)), "pivot_root",
+          new_root)
+
+
+def make_readonly_recursive(path: str) -> None:
+    """mount_setattr(2) (5.12+): ``path``'s mount and every mount below it read-only, their
+    other flags kept (a remount would have to repeat the flags a user namespace locks)."""
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # set, clear, propagation, userns
+    ret = libc.syscall(_SYS_MOUNT_SETATTR, AT_FDCWD, fsbytes(path), AT_RECURSIVE,
+                       ctypes.byref(attr), ctypes.sizeof(attr))
+    check(ret, "mount_setattr", path)
 
 
 def set_pdeathsig(sig: int) -> None:
