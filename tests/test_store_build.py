@@ -11,6 +11,7 @@ import pytest
 from helpers import ovf
 from overlayfuse import LayerStore
 from overlayfuse.store.build import parse_steps
+from test_store_root import HOST_TOOLS, SEEN_MOUNT_POINTS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
 
@@ -22,8 +23,10 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory,
 
 
 def write_steps(path: Path, log: Path, steps: list[str]) -> Path:
-    """Each step also appends its number to ``log`` (outside the tree): what really ran."""
-    path.write_text("".join(f"echo {i} >> {log}; {s}\n" for i, s in enumerate(steps, 1)))
+    """Each step also appends its number to ``log`` (outside the tree, bound in at /ran by
+    ``build``): what really ran."""
+    path.write_text("".join(f"echo {i} >> /ran/{log.name}; {s}\n"
+                            for i, s in enumerate(steps, 1)))
     return path
 
 
@@ -34,11 +37,13 @@ def ran(log: Path) -> list[int]:
 
 
 def build(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return ovf("build", "--base", str(base), *args)
+    """The steps see the tree as /: the host's programs and the log's dir bound in."""
+    return ovf("build", "--base", str(base), *HOST_TOOLS, "--bind", f"{base.parent}:/ran",
+               *args)
 
 
 def store_run(base: Path, config: str, *cmd: str) -> str:
-    r = ovf("store", "--base", str(base), "--config", config, "run", "--", *cmd)
+    r = ovf("store", "--base", str(base), "--config", config, "run", *HOST_TOOLS, "--", *cmd)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -80,13 +85,14 @@ def test_cache_hits_changes_failures_and_no_cache(tmp_path: Path) -> None:
     write_steps(f, log, steps + ["echo fixed > four", "touch five"])
     r = build(base, "--config", "app", str(f))
     assert r.returncode == 0 and ran(log) == [4, 5]                # resumes at the failed one
-    assert store_run(base, "app", "ls") == "both\nd\nfive\nfour\none\n"
+    assert store_run(base, "app", "ls").split() == sorted(
+        ["both", "d", "five", "four", "one", *SEEN_MOUNT_POINTS])
 
     r = build(base, "--config", "app", "--no-cache", str(f))
     assert r.returncode == 0 and ran(log) == [1, 2, 3, 4, 5]
     # v1 still names the first build, and mounts as a snapshot
     assert ovf("store", "--base", str(base), "--config", "app", "run", "--snapshot", "v1",
-               "--", "cat", "both").stdout == "one\ntwo\n"
+               *HOST_TOOLS, "--", "cat", "both").stdout == "one\ntwo\n"
     snaps = ovf("store", "--base", str(base), "--config", "app", "snapshots").stdout
     assert snaps == "  postinit\n  v1\n"
     assert LayerStore(str(base)).gc()["missing"] == 0
@@ -103,7 +109,8 @@ def test_build_on_another_configs_snapshot_shares_its_layers(tmp_path: Path) -> 
     f2 = write_steps(tmp_path / "app-steps", log, ["cat os-release > app"])
     r = build(base, "--config", "app", "--from-config", "os:ready", "--tag", "v1", str(f2))
     assert r.returncode == 0, r.stderr
-    assert store_run(base, "app", "ls") == "app\nfrom-dir\nos-release\n"
+    assert store_run(base, "app", "ls").split() == sorted(
+        ["app", "from-dir", "os-release", *SEEN_MOUNT_POINTS])
     store = LayerStore(str(base))
     os_ready = store.config("os").refs()["ready"]
     assert store.config("app").refs()[".base"] == os_ready       # shared, not copied

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from helpers import REPO, ovf
+from test_store_root import HOST_TOOLS, SEEN_MOUNT_POINTS, TOOL_BINDS
 from mounts import diff_trees, mounts_under, tree_snapshot
 from overlayfuse import LayerStore
 from overlayfuse.errors import OverlayfuseError
@@ -85,22 +86,25 @@ def test_round_trip_as_root(tmp_path: Path) -> None:
     assert ok(store(base, "snapshots")) == "  postinit\n* s1\n"
     ok(store(base, "snapshot", "s2"))               # nothing in between: one layer, two names
     assert ok(store(base, "snapshots")) == "  postinit\n* s1\n* s2\n"
-    assert ok(store(base, "run", "--", "cat", "etc/conf")) == "v2\n"
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "cat", "etc/conf")) == "v2\n"
     # several throwaway runs at once; none of them changes the config
     procs = [subprocess.Popen([sys.executable, "-m", "overlayfuse", "store", "--base", str(base),
-                               "run", "--writable", "--", "sh", "-c",
+                               "run", "--writable", *HOST_TOOLS, "--", "sh", "-c",
                                f"echo {i} > etc/conf; sleep 0.5; cat etc/conf"],
                               stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
              for i in range(3)]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert outs == ["0\n", "1\n", "2\n"]
-    assert ok(store(base, "run", "--", "cat", "etc/conf")) == "v2\n"
-    ok(store(base, "run", "--", "sh", "-c", "echo unsaved > new"))
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "cat", "etc/conf")) == "v2\n"
+    ok(store(base, "run", *HOST_TOOLS, "--", "sh", "-c", "echo unsaved > new"))
     ok(store(base, "clean"))
-    assert ok(store(base, "run", "--", "ls")) == "dir\netc\nhello\nsym\n"
+    # the tree is /: the bind targets (bin lib lib64 usr) and proc dev sys show as its mount
+    # points, made for the run and taken out of the layer again
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "ls")).split() == sorted(
+        ["dir", "etc", "hello", "sym", *SEEN_MOUNT_POINTS])
     ok(store(base, "rollback", "postinit"))
-    assert ok(store(base, "run", "--", "cat", "etc/conf")) == "v1\n"
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "cat", "etc/conf")) == "v1\n"
     assert ok(store(base, "snapshots")) == "* postinit\n  s1\n  s2\n"
     info = ok(store(base, "info"))
     # the run above allocated a fresh upper on postinit's layer (a run may write)
@@ -110,16 +114,18 @@ def test_round_trip_as_root(tmp_path: Path) -> None:
     ok(store(base, "remove-snapshot", "s1"))
     ok(store(base, "remove-snapshot", "postinit"))  # the current one: the config still works
     assert ok(store(base, "snapshots")) == "  s2\n"
-    assert ok(store(base, "run", "--", "cat", "hello")) == "hello\n"
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "cat", "hello")) == "hello\n"
     ok(store(base, "--config", "other", "init", "--from-config", "default:s2"))
-    assert ok(store(base, "--config", "other", "run", "--", "cat", "etc/conf")) == "v2\n"
+    assert ok(store(base, "--config", "other", "run", *HOST_TOOLS, "--", "cat",
+                    "etc/conf")) == "v2\n"
     configs = ok(store(base, "configs")).splitlines()
     assert [c.split("\t")[:2] for c in configs] == [["default", "current: -"],
                                                     ["other", "current: postinit"]]
     n_before = len(os.listdir(base / "layers"))
     ok(store(base, "scrub"))                        # default goes; its s2 layer is other's base
     assert len(os.listdir(base / "layers")) == n_before - 1
-    assert ok(store(base, "--config", "other", "run", "--", "cat", "etc/conf")) == "v2\n"
+    assert ok(store(base, "--config", "other", "run", *HOST_TOOLS, "--", "cat",
+                    "etc/conf")) == "v2\n"
     ok(store(base, "--config", "other", "scrub"))
     assert os.listdir(base / "layers") == [] and os.listdir(base / "tmp") == []
     assert ok(store(base, "configs")) == ""
@@ -147,7 +153,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
             (("umount", str(tmp_path)), "is not a mount of the store")]:
         one_line_error(store(base, *args), words)
         assert disk_state(base) == before, args
-    r = store(base, "run", "--", "no-such-command-here")
+    r = store(base, "run", *HOST_TOOLS, "--", "no-such-command-here")
     assert r.returncode == 127
 
 
@@ -159,10 +165,10 @@ def test_a_chain_longer_than_an_overlay_stacks_is_refused(tmp_path: Path,
     c = LayerStore(str(tmp_path / "store")).config("c")
     c.init()
     for i in range(2):
-        assert c.run(["sh", "-c", f"echo {i} > f{i}"]) == 0
+        assert c.run(["sh", "-c", f"echo {i} > f{i}"], binds=TOOL_BINDS) == 0
         c.snapshot(f"s{i}")
-    assert c.run(["true"], writable=True) == 0       # three layers: still fine
-    assert c.run(["sh", "-c", "echo 2 > f2"]) == 0
+    assert c.run(["true"], writable=True, binds=TOOL_BINDS) == 0       # three layers: still fine
+    assert c.run(["sh", "-c", "echo 2 > f2"], binds=TOOL_BINDS) == 0
     c.snapshot("s2")
     before = disk_state(tmp_path / "store")
     for call in (lambda: c.run(["true"]), lambda: c.run(["true"], writable=True),
@@ -204,20 +210,24 @@ def test_one_config_shows_the_same_tree_on_every_backend(tmp_path: Path) -> None
         with c.mount(str(mnt), backend):
             assert diff_trees(on_fuse, tree_snapshot(mnt)) == [], backend
             assert (mnt / "etc/conf-2").read_text() == "v3\n"
-    # and through `run`, on each backend that reads root's layers (trusted.overlay.*): the
-    # kernel and FUSE; kernel-userns reads only user.overlay.*, so it refuses, saying why
-    dump = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); from mounts import "
-            "tree_snapshot; print(repr(sorted(tree_snapshot('.').items())))" % str(REPO / "tests")]
-    seen = {}
+    # and through `run` (the tree as /), on each backend that reads root's layers
+    # (trusted.overlay.*): the kernel; kernel-userns reads only user.overlay.*, so it refuses,
+    # saying why; FUSE does not run inside the sandbox yet, and says so
+    dump = ["/usr/bin/python3", "-c",
+            "import os, sys; sys.path[:0] = ['/repo', '/repo/tests']; import mounts; "
+            "real = os.listdir; mounts.os.listdir = lambda p: [n for n in real(p) if not "
+            "(p == '.' and os.path.ismount(n))]; "
+            "print(repr(sorted(mounts.tree_snapshot('.').items())))"]
     for backend in ("kernel", "kernel-userns", "fuse"):
         r = ovf("store", "--base", str(tmp_path / "store"), "--config", "c", "run",
-                "--backend", backend, "--", *dump)
+                "--backend", backend, *HOST_TOOLS, "--bind", f"{REPO}:/repo:ro", "--", *dump)
         if backend == "kernel-userns":
             assert r.returncode == 125 and "would show another tree" in r.stderr, r.stderr
-            continue
-        assert r.returncode == 0, r.stderr
-        seen[backend] = r.stdout
-    assert seen["kernel"] == seen["fuse"] == repr(sorted(on_fuse.items())) + "\n"
+        elif backend == "fuse":
+            assert r.returncode == 125 and "does not run inside the sandbox yet" in r.stderr
+        else:
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == repr(sorted(on_fuse.items())) + "\n"
 
 
 def test_a_killed_daemon_frees_the_layers_and_umount_takes_its_mount_down(tmp_path: Path
@@ -236,7 +246,7 @@ def test_a_killed_daemon_frees_the_layers_and_umount_takes_its_mount_down(tmp_pa
     ok(store(base, "snapshot", "s"))
     ok(store(base, "umount", str(mnt)))              # the dead FUSE mount goes too
     assert mounts_under(tmp_path) == []
-    assert ok(store(base, "run", "--", "cat", "f")) == "f"
+    assert ok(store(base, "run", *HOST_TOOLS, "--", "cat", "f")) == "f"
 
 
 def test_progress_line_on_a_terminal_only(tmp_path: Path) -> None:
@@ -278,9 +288,10 @@ def test_the_python_api_takes_configs_and_snapshots(tmp_path: Path,
         assert m.mounted and m.spec.upperdir is not None
         (mnt / "f").write_text("1\n")
     snap = config.snapshot("one")
-    assert overlayfuse.run(config, ["sh", "-c", "echo 2 > f"]) == 0       # kept
-    assert overlayfuse.run(snap, ["sh", "-c", "cat f; echo 3 > f"], writable=True) == 0
-    assert overlayfuse.run(config, ["cat", "f"]) == 0
+    assert overlayfuse.run(config, ["sh", "-c", "echo 2 > f"], binds=TOOL_BINDS) == 0       # kept
+    assert overlayfuse.run(snap, ["sh", "-c", "cat f; echo 3 > f"], writable=True,
+                           binds=TOOL_BINDS) == 0
+    assert overlayfuse.run(config, ["cat", "f"], binds=TOOL_BINDS) == 0
     assert capfd.readouterr().out == "1\n2\n"
     with overlayfuse.mount(snap, str(mnt)) as m:                           # read-only
         assert m.spec.upperdir is None and (mnt / "f").read_text() == "1\n"

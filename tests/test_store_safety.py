@@ -9,8 +9,8 @@ finished making is still there with its content.
 Race test: 8 processes loop over snapshots, rollbacks, runs (writable and throwaway) and
 builds on one store while this process fingerprints every frozen layer again and again: a
 layer that can serve as a lower must never change (contents, metadata, xattrs, its root), never
-become a writable upper again, and the store must stay consistent.  A build step that leaves a
-process running must not become a frozen layer that process could still write.
+become a writable upper again, and the store must stay consistent.  What a build step or a run
+leaves running dies with it (its PID namespace): it never writes a layer afterwards.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from test_store_root import HOST_TOOLS, TOOL_BINDS
 from mounts import mounts_under
 from overlayfuse import LayerStore
 from overlayfuse.store import catalog as cat
@@ -73,6 +74,10 @@ def check_consistent(base: Path) -> dict[str, str]:
 
 
 def ovf_cmd(base: Path, *args: str) -> list[str]:
+    """``store`` ARGS; a ``run``'s command sees the tree as / with the host's programs."""
+    if "run" in args:
+        at = args.index("run") + 1
+        args = (*args[:at], *HOST_TOOLS, *args[at:])
     return [sys.executable, "-m", "overlayfuse", "store", "--base", str(base), *args]
 
 
@@ -116,7 +121,7 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
         elif kind == "build":
             steps.write_text(f"echo {rng.randint(0, 3)} > b1\nseq 1000 > b2\n")
             argv = [sys.executable, "-m", "overlayfuse", "build", "--base", str(base),
-                    "--config", "built", str(steps)]
+                    *HOST_TOOLS, "--config", "built", str(steps)]
         elif kind == "remove" and len(snaps) > 3:
             argv = ovf_cmd(base, "remove-snapshot", rng.choice(snaps))
         elif kind == "clean":
@@ -172,8 +177,10 @@ WORKER = r"""
 import json, os, random, re, sys, time
 import overlayfuse
 from overlayfuse.errors import OverlayfuseError
+from overlayfuse.sandbox import Bind
 from overlayfuse.store.build import build
 base, wid, seconds, steps = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+tools = [Bind.parse(b) for b in json.loads(sys.argv[5])]
 rng = random.Random(wid)
 store = overlayfuse.LayerStore(base)
 c = store.config("default")
@@ -190,14 +197,16 @@ while time.monotonic() < end:
                      "readonly"])
     try:
         if op == "run":
-            c.run(["sh", "-c", f"echo {wid}-{i} > w{wid}; echo {wid}-{i} > shared"])
+            c.run(["sh", "-c", f"echo {wid}-{i} > w{wid}; echo {wid}-{i} > shared"],
+                  binds=tools)
         elif op == "throwaway":
             c.run(["sh", "-c", "cat shared >/dev/null 2>&1; rm -f shared; echo t > t"],
-                  writable=True)
+                  writable=True, binds=tools)
         elif op == "readonly":
             snaps = c.snapshots()
             if snaps:
-                rng.choice(snaps).run(["sh", "-c", "cat * >/dev/null 2>&1; true"])
+                rng.choice(snaps).run(["sh", "-c", "cat * >/dev/null 2>&1; true"],
+                                      binds=tools)
         elif op == "snapshot":
             c.snapshot(f"s{wid}-{i}")
         elif op == "rollback":
@@ -213,7 +222,7 @@ while time.monotonic() < end:
         elif op == "build":
             with open(steps + str(wid), "w") as f:
                 f.write(f"echo {rng.randint(0, 2)} > b1\necho {rng.randint(0, 2)} > b2\n")
-            build(store.config("built"), steps + str(wid))
+            build(store.config("built"), steps + str(wid), binds=tools)
         counts[op] = counts.get(op, 0) + 1
     except OverlayfuseError as e:
         key = op + ": " + re.sub(r"[0-9a-f]*[0-9][0-9a-f-]*", "N", str(e))
@@ -297,7 +306,8 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
     store.close()
     seconds = 12.0
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(base), str(w), str(seconds),
-                               str(tmp_path / "steps")], env=ENV, stdout=subprocess.PIPE,
+                               str(tmp_path / "steps"), json.dumps(TOOL_BINDS)], env=ENV,
+                              stdout=subprocess.PIPE,
                               text=True) for w in range(8)]
     seen: dict[str, str] = {}            # frozen layer -> its fingerprint when first seen
     changed: dict[str, str] = {}         # frozen layer -> how it changed
@@ -360,54 +370,68 @@ def test_eight_processes_at_once_never_corrupt_or_write_a_lower(tmp_path: Path) 
     assert len(seen) > 10 and checks > 10
 
 
-def test_a_command_outliving_its_killed_run_still_holds_the_upper(tmp_path: Path) -> None:
-    base = tmp_path / "store"
+def _layers_fingerprint(base: Path) -> dict[str, str]:
+    return {p.name: _fingerprint(p) for p in sorted((base / "layers").iterdir())}
+
+
+def test_a_killed_run_takes_its_command_with_it(tmp_path: Path) -> None:
+    """The command runs in the run's PID namespace: killing the store process kills it (it
+    never outlives its run to write the upper after the upper was let go)."""
+    base, flags = tmp_path / "store", tmp_path / "flags"
+    flags.mkdir()
     subprocess.run(ovf_cmd(base, "init"), env=ENV, check=True)
-    ready = tmp_path / "ready"
-    proc = subprocess.Popen(ovf_cmd(base, "run", "--", "sh", "-c",
-                                    f"echo a > a; touch {ready}; sleep 3; echo b > b"),
+    proc = subprocess.Popen(ovf_cmd(base, "run", "--bind", f"{flags}:/flags", "--", "sh", "-c",
+                                    "echo a > a; touch /flags/ready; sleep 4; echo b > b; "
+                                    "touch /flags/done"),
                             env=ENV, start_new_session=True)
     deadline = time.monotonic() + 30
-    while not ready.exists():
+    while not (flags / "ready").exists():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
+    killed = time.monotonic()
     os.kill(proc.pid, signal.SIGKILL)                # only the store process, not its command
     proc.wait()
-    r = subprocess.run(ovf_cmd(base, "snapshot", "s"), env=ENV, capture_output=True, text=True)
-    assert r.returncode == 1 and "in use by" in r.stderr, r.stderr
-    _wait_group_gone(proc.pid)                       # the command finishes its work
+    _wait_group_gone(proc.pid)                       # the command went with it ...
+    assert time.monotonic() - killed < 3, "the command outlived its killed run"
     subprocess.run(ovf_cmd(base, "snapshot", "s"), env=ENV, check=True)
+    before = _layers_fingerprint(base)
+    time.sleep(4.5)                                  # ... so nothing writes b afterwards
+    assert not (flags / "done").exists()
+    assert _layers_fingerprint(base) == before
     r = subprocess.run(ovf_cmd(base, "run", "--", "cat", "a", "b"), env=ENV,
                        capture_output=True, text=True)
-    assert r.stdout == "a\nb\n"
+    assert r.stdout == "a\n" and "b: No such file" in r.stderr, r.stderr
     check_consistent(base)
 
 
-def test_a_build_step_leaving_a_process_running_is_not_frozen(tmp_path: Path) -> None:
-    """A step's leftover process still writes through the overlay into the step's upper: had
-    that upper become a cached layer, a frozen layer (a lower of later steps) would change."""
+def test_a_build_steps_background_process_dies_with_the_step(tmp_path: Path) -> None:
+    """A step's leftover process is killed when the step ends (its PID namespace): its late
+    write never lands in any layer, and nothing writes a layer once it is frozen."""
     base = tmp_path / "store"
     steps = tmp_path / "steps"
     steps.write_text("echo a > a\n"
                      "echo b > b; (sleep 1; echo late > late) >/dev/null 2>&1 &\n")
-    build = [sys.executable, "-m", "overlayfuse", "build", "--base", str(base), "--config", "c",
-             str(steps)]
+    build = [sys.executable, "-m", "overlayfuse", "build", "--base", str(base), *HOST_TOOLS,
+             "--config", "c", str(steps)]
     proc = subprocess.Popen(build, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         _out, err = proc.communicate(timeout=60)
     finally:
-        _wait_group_gone(proc.pid)    # the leftover writer is done (or was never there)
-    assert proc.returncode == 1 and "left processes running" in err, err
+        _wait_group_gone(proc.pid)    # the leftover writer is gone with the step
+    assert proc.returncode == 0, err
     check_consistent(base)
-    written = [str(p) for p in (base / "layers").rglob("*") if p.name in ("b", "late")]
-    assert written == [], written
+    frozen = _layers_fingerprint(base)
+    time.sleep(1.5)                   # past the leftover's write, had it lived
+    assert _layers_fingerprint(base) == frozen
+    written = sorted(p.name for p in (base / "layers").rglob("*") if p.name in ("b", "late"))
+    assert written == ["b"], written
     store = LayerStore(str(base))
     try:
-        assert store.db().execute("SELECT count(*) FROM steps").fetchone()[0] == 1
+        assert store.db().execute("SELECT count(*) FROM steps").fetchone()[0] == 2
     finally:
         store.close()
-    # a step that waits for what it starts is fine
+    # a step that waits for what it starts keeps its work
     steps.write_text("echo a > a\necho b > b; (sleep 0.2; echo late > late) & wait\n")
     r = subprocess.run(build, env=ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -84,7 +84,7 @@ class KernelBackend(Backend):
         def setup(spec: OverlaySpec, mnt: str) -> None:
             sysmount.unshare(sysmount.CLONE_NEWNS)
             sysmount.make_rprivate()
-            _mount_or_explain(spec, mnt, userxattr=False, who="kernel overlayfs")
+            mount_or_explain(spec, mnt, userxattr=False, who="kernel overlayfs")
 
         return run_private(spec, argv, cwd, mountpoint, env, setup)
 
@@ -99,7 +99,9 @@ def refusal(who: str, mnt: str, spec: OverlaySpec, e: OSError) -> OverlayfuseErr
     return OverlayfuseError(f"{who} refused to mount on {mnt}: {why}")
 
 
-def _mount_or_explain(spec: OverlaySpec, mnt: str, *, userxattr: bool, who: str) -> None:
+def mount_or_explain(spec: OverlaySpec, mnt: str, *, userxattr: bool, who: str) -> None:
+    """``mount_spec``, a refusal made one OverlayfuseError line naming ``who`` refused (the
+    run backends' and the store's rooted runs' mount, inside their own namespaces)."""
     try:
         mount_spec(spec, mnt, userxattr=userxattr)
     except OSError as e:

@@ -14,7 +14,7 @@ from .. import sysmount
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from .base import Backend, Mount, Purpose, Verdict
-from .kernel import _mount_or_explain, run_private
+from .kernel import mount_or_explain, run_private
 
 
 class UsernsBackend(Backend):
@@ -40,7 +40,7 @@ class UsernsBackend(Backend):
                                        f"failed: {os.strerror(e.errno or 0)}") from None
             sysmount.map_ids(0 if map_root else uid, uid, 0 if map_root else gid, gid)
             sysmount.make_rprivate()
-            _mount_or_explain(spec, mnt, userxattr=True,
+            mount_or_explain(spec, mnt, userxattr=True,
                               who="kernel overlayfs in a user namespace")
 
         return run_private(spec, argv, cwd, mountpoint, env, setup)

@@ -1,12 +1,13 @@
 """``overlayfuse build``: a step file run step by step, each step's result cached as a layer.
 
-vagga's planned ``--cache-each-step``: step N runs with ``sh -c`` in the merged tree on top of
-step N-1's layer, and its upper is kept as a layer keyed by sha256(parent key, step text), so a
-rerun reuses every unchanged step and starts at the first changed one.  A failing step keeps
+vagga's planned ``--cache-each-step``: step N runs with ``sh -c`` with the merged tree of step
+N-1's layer as ``/`` (``rooted``: its own namespaces, cwd ``/``), and its upper is kept as a
+layer keyed by sha256(parent key, step text), so a rerun reuses every unchanged step and
+starts at the first changed one.  A failing step keeps
 the steps before it; the next run starts at the failed one.  The result becomes the config's
 current state (and, with ``--tag``, a snapshot of that name).  A step that changes nothing
-keeps its parent's layer, so no empty layers pile up in the chain.  A step that leaves
-processes running fails: they could still write its layer once it is frozen and shared.
+keeps its parent's layer, so no empty layers pile up in the chain.  Whatever a step leaves
+running dies with it (its PID namespace), so nothing writes a layer once it is frozen.
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import os
 import sys
 import time
 
-from ..run import run as run_in_view
+from typing import Sequence
+
 from ..errors import OverlayfuseError
+from ..sandbox import Bind
 from . import catalog as cat
 from .config import Config
 from .disk import is_empty_dir
-from .locks import LayerLocks, is_locked
+from .rooted import Network, run_rooted
 from .store import check_name
 from .use import Use, take
 
@@ -54,8 +57,9 @@ def _say(text: str) -> None:
 
 def build(config: Config, stepfile: str, *, from_dir: str | None = None,
           from_config: str | None = None, tag: str | None = None, no_cache: bool = False,
-          backend: str = "auto") -> int:
-    """Build ``config`` from ``stepfile``: 0, or the exit status of the step that failed."""
+          backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host") -> int:
+    """Build ``config`` from ``stepfile``: 0, or the exit status of the step that failed.
+    Each step sees the tree as ``/``, plus ``binds`` (host paths) and the ``network``."""
     if tag is not None:
         check_name(tag, "snapshot")
     try:
@@ -95,7 +99,8 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
             continue
         _say(f"{label} running: {step}")
         started = time.monotonic()
-        status, layer = _run_step(config, layer, key, step, backend, no_cache)
+        status, layer = _run_step(config, layer, key, step, no_cache,
+                                  dict(backend=backend, binds=tuple(binds), network=network))
         took = time.monotonic() - started
         if status != 0:
             _say(f"{label} failed with exit status {status} after {took:.1f} s: {step}")
@@ -114,15 +119,16 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
     return 0
 
 
-def _run_step(config: Config, parent: str, key: str, step: str, backend: str,
-              no_cache: bool) -> tuple[int, str]:
+def _run_step(config: Config, parent: str, key: str, step: str, no_cache: bool,
+              how: dict[str, object]) -> tuple[int, str]:
     """Run one step on top of ``parent``: (exit status, the layer holding its result)."""
     store = config.store
     use = _stack_on(config, parent)
     started = time.monotonic()
     try:
         assert use.tmp is not None and use.spec.upperdir is not None
-        status = _run_watched(use, step, backend)
+        status = run_rooted(store, use.spec, ["sh", "-c", step], keep_upper=True,
+                            **how)  # type: ignore[arg-type]
         if status != 0:
             return status, parent
         changed = not is_empty_dir(use.spec.upperdir) or _root_changed(
@@ -147,24 +153,6 @@ def _run_step(config: Config, parent: str, key: str, step: str, backend: str,
     finally:
         use.release()
         store.reap()
-
-
-def _run_watched(use: Use, step: str, backend: str) -> int:
-    """Run the step holding a shared lock its processes inherit: once the shell exits, anything
-    it left running (still in the overlay, able to write the upper) holds that lock, and the
-    upper must not become a frozen layer that such a process could still change."""
-    assert use.tmp is not None
-    path = os.path.join(use.tmp.path, "step.lock")
-    watch = LayerLocks()
-    watch.take(path, exclusive=False)
-    try:
-        status = run_in_view(use.spec, ["sh", "-c", step], backend=backend)
-    finally:
-        watch.release()
-    if status == 0 and is_locked(path):
-        raise OverlayfuseError(f"the step left processes running that could still change its "
-                               f"result (a step must wait for, or stop, what it starts): {step}")
-    return status
 
 
 def _stack_on(config: Config, parent: str) -> Use:

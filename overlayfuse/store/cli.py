@@ -10,10 +10,11 @@ import sys
 
 from ..backends.choose import BACKEND_NAMES
 from ..errors import OverlayfuseError
+from ..sandbox import Bind, CommandError
 from .disk import human
 from .store import LayerStore
 
-STORE_COMMANDS = ("init", "mount", "umount", "run", "snapshot", "rollback", "snapshots",
+STORE_COMMANDS = ("init", "mount", "umount", "run", "shell", "snapshot", "rollback", "snapshots",
                   "remove-snapshot", "clean", "scrub", "gc", "info", "configs")
 
 
@@ -23,6 +24,27 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "~/.local/share/overlayfuse)")
     p.add_argument("--config", default="default", metavar="NAME",
                    help="the config (default: default)")
+
+
+def _sandbox_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bind", action="append", default=[], metavar="SRC[:DST[:ro]]",
+                   help="show the host path SRC at DST in the tree (repeatable)")
+    p.add_argument("--network", default="host", choices=("host", "none"),
+                   help="the host's network (default) or none (loopback only)")
+
+
+def _run_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--writable", action="store_true",
+                   help="a throwaway upper: the changes vanish afterwards")
+    c.add_argument("--snapshot", metavar="NAME", help="run in this snapshot (read-only "
+                                                      "unless --writable)")
+    c.add_argument("--cwd", metavar="DIR", help="working directory in the tree (default /)")
+    _sandbox_options(c)
+    c.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
+    c.add_argument("--map-root", action="store_true",
+                   help="root inside is the calling user: the default now, kept for scripts")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="say which backend and which IDs, and why")
 
 
 def add_store_parsers(sub: argparse._SubParsersAction) -> None:
@@ -44,16 +66,17 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("mountpoint", metavar="MNT")
     c = cmds.add_parser("umount", help="unmount a mount of this store")
     c.add_argument("mountpoint", metavar="MNT")
-    c = cmds.add_parser("run", help="run a command in the current state")
-    c.add_argument("--writable", action="store_true",
-                   help="a throwaway upper: the changes vanish afterwards")
-    c.add_argument("--snapshot", metavar="NAME", help="run in this snapshot (read-only "
-                                                      "unless --writable)")
-    c.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
-    c.add_argument("--map-root", action="store_true",
-                   help="kernel-userns: run as root inside the user namespace")
-    c.add_argument("-v", "--verbose", action="store_true", help="say which backend and why")
+    c = cmds.add_parser("run", help="run a command with the current state as /",
+                        description="Run CMD with the config's merged tree as / (own mount, "
+                                    "PID, UTS and IPC namespaces; a fresh /proc, a small /dev, "
+                                    "/sys read-only, the host's resolv.conf and hosts shown); "
+                                    "host paths only through --bind.")
+    _run_options(c)
     c.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    c = cmds.add_parser("shell", help="an interactive shell with the current state as /",
+                        description="Root's shell from the tree's /etc/passwd (else /bin/sh) "
+                                    "with the config's merged tree as /, as run does.")
+    _run_options(c)
     for name, text in (("snapshot", "freeze the current state as NAME"),
                        ("rollback", "make NAME current, dropping unsaved changes"),
                        ("remove-snapshot", "forget NAME (its layer goes when nothing holds "
@@ -78,6 +101,7 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tag", metavar="SNAPSHOT", help="name the result as a snapshot")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
     b.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
+    _sandbox_options(b)
     b.add_argument("stepfile", metavar="STEPFILE")
     b.set_defaults(func=cmd_build)
 
@@ -88,7 +112,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         return build(store.config(args.config), args.stepfile, from_dir=args.from_dir,
                      from_config=args.from_config, tag=args.tag, no_cache=args.no_cache,
-                     backend=args.backend)
+                     backend=args.backend, binds=_binds(args.bind), network=args.network)
+    except CommandError as e:
+        print(f"overlayfuse: {e}", file=sys.stderr)
+        return e.status
     except sqlite3.Error as e:
         raise OverlayfuseError(f"store catalog: {e}") from None
 
@@ -98,19 +125,35 @@ def cmd_store(args: argparse.Namespace) -> int:
     try:
         if args.store_command == "run":
             return _cmd_run(store, args)
+        if args.store_command == "shell":
+            return _cmd_shell(store, args)
         return _dispatch(store, args)
     except sqlite3.Error as e:
         raise OverlayfuseError(f"store catalog: {e}") from None
+
+
+def _binds(texts: list[str]) -> tuple[Bind, ...]:
+    return tuple(Bind.parse(t) for t in texts)
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return dict(writable=args.writable, snapshot=args.snapshot, backend=args.backend,
+                cwd=args.cwd, binds=_binds(args.bind), network=args.network,
+                verbose=args.verbose)
 
 
 def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:
     from ..run import command_status
 
     def call(argv: list[str]) -> int:
-        return store.config(args.config).run(argv, writable=args.writable,
-                                              snapshot=args.snapshot, backend=args.backend,
-                                              map_root=args.map_root, verbose=args.verbose)
+        return store.config(args.config).run(argv, **_run_kwargs(args))  # type: ignore[arg-type]
     return command_status(args.command, "overlayfuse store run [...] -- CMD [ARGS]", call)
+
+
+def _cmd_shell(store: LayerStore, args: argparse.Namespace) -> int:
+    from ..run import command_status
+    return command_status(["shell"], "overlayfuse store shell",
+                          lambda _: store.config(args.config).shell(**_run_kwargs(args)))
 
 
 def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:

@@ -13,11 +13,12 @@ import sys
 import time
 from typing import Sequence
 
-from ..run import run as run_in_view
 from ..backends import Mount
 from ..backends.choose import choose
 from ..errors import OverlayfuseError
 from ..probe import signals_unwind, unmount_fuse
+from ..sandbox import Bind, CommandError
+from ..sandbox.rootfs import check_tree_path
 from ..spec import OverlaySpec
 from ..sysmount.fsinfo import is_mountpoint
 from ..validate import validate_mountpoint
@@ -25,6 +26,7 @@ from . import catalog as cat
 from .copytree import copy_tree
 from .disk import TmpEntry, make_layer_root, tree_size
 from .progress import Progress
+from .rooted import Network, root_shell, run_rooted, shell_error, tree_cwd
 from .store import LayerStore, check_name
 from .use import take
 
@@ -267,22 +269,45 @@ class Config:
 
     def run(self, argv: Sequence[str], *, writable: bool = False, snapshot: str | None = None,
             backend: str = "auto", cwd: str | None = None, env: dict[str, str] | None = None,
-            map_root: bool = False, verbose: bool = False) -> int:
-        """Run ``argv`` in the current state: its changes stay in the config's upper, or
-        vanish afterwards with ``writable`` (a throwaway upper; several may run at once)."""
-        if snapshot is not None:
-            mode = "throwaway" if writable else "readonly"
-        else:
-            mode = "throwaway" if writable else "upper"
+            binds: Sequence[Bind | str] = (), network: Network = "host",
+            map_root: bool = True, verbose: bool = False) -> int:
+        """Run ``argv`` with the current state as ``/`` (cwd ``/`` or ``cwd``): its changes
+        stay in the config's upper, or vanish afterwards with ``writable`` (a throwaway upper;
+        several may run at once).  A ``snapshot`` is shown read-only unless ``writable``.
+        ``binds`` are host paths shown inside (``Bind`` or ``SRC[:DST[:ro]]``).  ``env`` None
+        is a clean environment.  A normal user is root inside (one ID mapped): ``map_root``
+        is kept for callers of the older API and is always so now."""
+        keep = snapshot is None and not writable
+        binds = [b if isinstance(b, Bind) else Bind.parse(b) for b in binds]
+        for bind in binds:  # before the layers are taken: bad input changes nothing
+            bind.check()
+        check_tree_path(tree_cwd(cwd), f"working directory {cwd}")
         with signals_unwind():
-            use = take(self.store, self.name, mode=mode, snapshot=snapshot,
-                       row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
+            use = take(self.store, self.name, mode="upper" if keep else "throwaway",
+                       snapshot=snapshot, row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
             try:
-                return run_in_view(use.spec, argv, backend=backend, cwd=cwd, env=env,
-                                      map_root=map_root, verbose=verbose)
+                return run_rooted(self.store, use.spec, argv, backend=backend,
+                                  binds=binds,
+                                  network=network, cwd=cwd, env=env,
+                                  readonly=snapshot is not None and not writable,
+                                  keep_upper=keep, verbose=verbose)
             finally:
                 use.release()
                 self.store.reap()
+
+    def shell(self, **kwargs: object) -> int:
+        """An interactive shell with the current state as ``/``: root's login shell in the
+        tree's /etc/passwd, else /bin/sh (the options of ``run``); its exit status."""
+        use = take(self.store, self.name, mode="readonly",
+                   snapshot=kwargs.get("snapshot"))  # type: ignore[arg-type]
+        try:
+            shell = root_shell(use.spec)
+        finally:
+            use.release()
+        try:
+            return self.run([shell], **kwargs)  # type: ignore[arg-type]
+        except CommandError as e:
+            raise shell_error(e, shell) from None
 
     def build(self, stepfile: str, **kwargs: object) -> int:
         """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""

@@ -1,0 +1,205 @@
+"""A command run with a use's merged tree as ``/``: the overlay mounted inside the sandbox.
+
+``store run``, ``store shell`` and every ``build`` step come here.  The sandbox
+(``overlayfuse.sandbox``) makes the namespaces; its ``prepare`` mounts the use's overlay with
+the kernel in the new mount namespace (as root the plain kernel overlay, as a normal user the
+kernel overlay in the user namespace, ``userxattr``), so the mount, and every process of the
+command, vanish with the command.  A normal user runs with one ID mapped (root inside is the
+user); subordinate ranges wait for housekeeping that can remove what they own.
+
+The sandbox makes the mount points a tree lacks (``/proc``, ``/dev``, ``/sys``, ``--bind``
+targets); made here first, they are taken out of a kept upper again afterwards, so a data-only
+tree's layers do not fill up with empty mount points.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Literal, Sequence
+
+from ..backends.choose import choose
+from ..backends.kernel import mount_or_explain
+from ..errors import OverlayfuseError
+from ..format import default_prefix, is_opaque, is_whiteout_stat, is_xattr_whiteout
+from ..sandbox import Bind, CommandError, Sandbox, plan_ids
+from ..sandbox import run as sandbox_run
+from ..sandbox.launch import DEFAULT_PATH
+from ..sandbox.rootfs import resolve_in
+from ..spec import OverlaySpec
+from ..sysmount.syscalls import MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount
+from .disk import TmpEntry
+from .store import LayerStore
+
+log = logging.getLogger(__name__)
+
+MOUNT_POINTS = ("proc", "dev", "sys")
+Network = Literal["host", "none"]
+
+
+def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
+               backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host",
+               cwd: str | None = None, env: dict[str, str] | None = None,
+               readonly: bool = False, keep_upper: bool = False, verbose: bool = False) -> int:
+    """Run ``argv`` with the merged tree of ``spec`` (which has an upper) as ``/``.
+
+    ``readonly`` shows the tree read-only; ``keep_upper`` says the upper outlives the run
+    (the mount points made for it are taken out again).  The command's exit status;
+    OverlayfuseError for a set-up failure, CommandError (126/127) when it cannot start.
+    """
+    assert spec.upperdir is not None and spec.workdir is not None
+    binds = tuple(binds)
+    for bind in binds:
+        bind.check()
+    sandbox_cwd = tree_cwd(cwd)
+    chosen, why = choose(spec, "run", backend)
+    if chosen.name == "fuse":
+        raise OverlayfuseError(
+            "cannot run with the tree as /: the kernel refuses overlayfs here and the FUSE "
+            f"backend does not run inside the sandbox yet ({why})")
+    userxattr = os.geteuid() != 0
+    who = "kernel overlayfs in a user namespace" if userxattr else "kernel overlayfs"
+    if verbose:
+        print(f"overlayfuse: {why}", file=sys.stderr)
+        print(f"overlayfuse: {plan_ids('single').note}", file=sys.stderr)
+    points = mount_points(binds)
+    made = absent_from(spec, points) if keep_upper else []
+    with TmpEntry(store.layout, "root-" + os.urandom(6).hex()) as mnt:
+
+        def prepare() -> None:
+            mount_or_explain(spec, mnt.path, userxattr=userxattr, who=who)
+            make_mount_points(mnt.path, binds)
+            if readonly:
+                mount(mnt.path, mnt.path, None, MS_BIND | MS_REC)
+                mount(None, mnt.path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+        sandbox = Sandbox(mnt.path, binds=binds, network=network, cwd=sandbox_cwd,
+                          env=command_env(env), idmap="single", prepare=prepare)
+        try:
+            return sandbox_run(sandbox, argv)
+        finally:
+            drop_made(spec.upperdir, made)
+
+
+def tree_cwd(cwd: str | None) -> str:
+    """``--cwd``: a path in the tree (a relative one is taken from ``/``)."""
+    if not cwd:
+        return "/"
+    return cwd if cwd.startswith("/") else "/" + cwd
+
+
+def command_env(env: dict[str, str] | None) -> dict[str, str] | None:
+    """None (the sandbox's clean environment) or ``env`` over that clean base."""
+    if env is None:
+        return None
+    base = {"PATH": DEFAULT_PATH, "HOME": "/root"}
+    if "TERM" in os.environ:
+        base["TERM"] = os.environ["TERM"]
+    return {**base, **env}
+
+
+def mount_points(binds: Sequence[Bind]) -> list[str]:
+    """The tree paths a run mounts on (and their parents), relative, parents first."""
+    out = list(MOUNT_POINTS)
+    for bind in binds:
+        parts = [p for p in bind.target.split("/") if p]
+        for n in range(1, len(parts) + 1):
+            rel = "/".join(parts[:n])
+            if rel not in out:
+                out.append(rel)
+    return out
+
+
+def absent_from(spec: OverlaySpec, paths: Sequence[str]) -> list[str]:
+    """Those of ``paths`` no layer of ``spec`` holds: made for the run, if made at all."""
+    layers = [d for d in (spec.upperdir, *spec.lowerdirs) if d is not None]
+    return [p for p in paths if not any(os.path.lexists(os.path.join(d, p)) for d in layers)]
+
+
+def make_mount_points(root: str, binds: Sequence[Bind]) -> None:
+    """What the sandbox would make, made before a read-only remount (as it makes them)."""
+    for name in MOUNT_POINTS:
+        host = resolve_in(root, "/" + name)
+        if not os.path.lexists(host):
+            os.mkdir(host, 0o755)
+    for bind in binds:
+        host = resolve_in(root, bind.target)
+        if os.path.lexists(host):
+            continue
+        os.makedirs(os.path.dirname(host), exist_ok=True)
+        if os.path.isdir(bind.source):
+            os.mkdir(host, 0o755)
+        else:
+            os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+
+
+def drop_made(upper: str, made: Sequence[str]) -> None:
+    """Take the mount points made for a run out of its kept upper: only what is still an empty
+    dir or an empty file there (deepest first), so nothing the command wrote goes."""
+    for rel in sorted(made, key=lambda p: p.count("/"), reverse=True):
+        path = os.path.join(upper, rel)
+        try:
+            st = os.lstat(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                if not os.listdir(path):
+                    os.rmdir(path)
+            elif os.path.isfile(path) and not os.path.islink(path) and st.st_size == 0 \
+                    and not os.listxattr(path, follow_symlinks=False):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot take the mount point %s out of the layer: %s", path, e)
+
+
+def root_shell(spec: OverlaySpec) -> str:
+    """The shell of root's passwd entry in the merged tree of ``spec``, else ``/bin/sh``."""
+    text = tree_file(spec, "etc/passwd")
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[0] == "root" and fields[6].startswith("/"):
+            return fields[6]
+    return "/bin/sh"
+
+
+def tree_file(spec: OverlaySpec, rel: str) -> str | None:
+    """The text of ``rel`` (a plain file, no symlink on the way) as the merged tree shows it,
+    read from the layers top down: a whiteout or an opaque dir above ends the search."""
+    prefix = default_prefix(spec.userxattr)
+    parts = rel.split("/")
+    for layer in (d for d in (spec.upperdir, *spec.lowerdirs) if d is not None):
+        here = layer
+        for n, name in enumerate(parts):
+            try:
+                fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                break
+            try:
+                st = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                os.close(fd)
+                break
+            try:
+                if is_whiteout_stat(st) or is_xattr_whiteout(fd, name.encode(), st, prefix):
+                    return None
+                last = n == len(parts) - 1
+                if not last and is_opaque(fd, name.encode(), prefix):
+                    hidden = not os.path.lexists(os.path.join(here, name, *parts[n + 1:]))
+                    if hidden:
+                        return None
+            finally:
+                os.close(fd)
+            here = os.path.join(here, name)
+            if last:
+                try:
+                    with open(here, encoding="utf-8", errors="replace") as f:
+                        return f.read()
+                except OSError:
+                    return None
+    return None
+
+
+def shell_error(e: CommandError, shell: str) -> CommandError:
+    """The tree has no usable shell: say so in one line, with the status the shell gave."""
+    return CommandError(f"no shell to run in the tree: {shell}: {str(e).split(': ')[-1]}",
+                        e.status)
