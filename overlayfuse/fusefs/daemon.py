@@ -26,6 +26,9 @@ from .overlay import Config, Overlay
 
 log = logging.getLogger(__name__)
 _READY = b"OK"
+# the signals that unmount; from the mount on they are held back until the event loop takes
+# them (between pyfuse3.init and trio.run they would kill the daemon and leave a dead mount)
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
@@ -147,21 +150,28 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         zero_opens = False
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
-    except RuntimeError as e:
-        ovl.close()
-        raise OverlayfuseError(f"cannot mount {mountpoint}: {e}") from None
-    ops.after_init = lambda: raise_readahead(target)
-    try:
-        if ready_fd is not None:
-            os.write(ready_fd, _READY)
-            os.close(ready_fd)
-        trio.run(_main, caller_fd)
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
+        except RuntimeError as e:
+            ovl.close()
+            raise OverlayfuseError(f"cannot mount {mountpoint}: {e}") from None
+        ops.after_init = lambda: raise_readahead(target)
+        try:
+            if ready_fd is not None:
+                os.write(ready_fd, _READY)
+                os.close(ready_fd)
+            trio.run(_main, caller_fd)
+        finally:
+            pyfuse3.close(unmount=True)
+            export.save_names(ovl)
+            ovl.close()
     finally:
-        pyfuse3.close(unmount=True)
-        export.save_names(ovl)
-        ovl.close()
+        # a stop signal held back meanwhile asked for what has just happened
+        while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 async def _main(caller_fd: int | None) -> None:
@@ -180,8 +190,14 @@ async def _stop_with_caller(caller_fd: int) -> None:
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        # now a stop signal reaches the receiver, also one that came since the mount
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+        finally:
+            # the receiver's handlers go: until the unmount is done, hold them back again
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
