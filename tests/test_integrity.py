@@ -77,11 +77,14 @@ class Checker:
                 assert m[off:off + n] == bytes(self.model[off:off + n]), f"mmap at {off}+{n}"
 
     def reopen(self) -> None:
-        os.close(self.fd)
+        self.close()
         self.fd = os.open(self.path, os.O_RDWR)
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Idempotent: also called when the test failed, so that the mount is not busy."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @pytest.mark.parametrize("writeback", [False, True], ids=["", "writeback"])
@@ -96,6 +99,7 @@ def test_random_io_matches_model(layers: Layers, use_mmap: bool, writeback: bool
     with overlayfuse_mount(layers.lowers, layers.upper, layers.work, layers.mnt, extra):
         path = layers.mnt / "data"
         ro = os.open(path, os.O_RDONLY)  # before the copy-up
+        c = None
         try:
             assert os.pread(ro, 100, 0) == start[:100]
             c = Checker(path, model, ro, rng)
@@ -120,6 +124,10 @@ def test_random_io_matches_model(layers: Layers, use_mmap: bool, writeback: bool
             c.close()
             assert os.pread(ro, MAX_SIZE + 1, 0) == bytes(model), "the early fd reads stale data"
         finally:
+            # nothing of ours may hold the mount when it goes, also after a failure: else its
+            # unmount is lazy and the daemon lives on (the harness then says so, see mounts.py)
+            if c is not None:
+                c.close()
             os.close(ro)
         assert path.read_bytes() == bytes(model)
     assert (layers.upper / "data").read_bytes() == bytes(model)
