@@ -101,8 +101,14 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
     rng = random.Random(1234)
     finished: dict[str, str] = {}   # snapshot made by a command that exited 0 -> its marker
     kills = completed = 0
-    runs = 50
-    for i in range(runs):
+    # commands until enough were killed and enough finished: how many kills land depends on
+    # how far this machine's speed strays from the running estimate (a loaded machine once gave
+    # 15 kills in 50), so the count of commands, not the coverage, gives way; bounded
+    least, want_kills, want_completed, most = 50, 17, 12, 150
+    i = -1
+    while i + 1 < least or kills < want_kills or completed < want_completed:
+        i += 1
+        assert i < most, f"{most} commands gave only {kills} kills and {completed} completions"
         marker = f"m{i}"
         kind = rng.choice(["snapshot", "rollback", "init", "run", "build", "remove", "clean"])
         spared = i % 4 == 3          # every fourth runs to its end: some work must stick
@@ -157,9 +163,8 @@ def test_sigkill_at_random_points_then_gc(tmp_path: Path) -> None:
                                    "cat", "marker"), env=ENV, capture_output=True, text=True)
         assert r.stdout == marker + "\n", (name, r.stderr)
     assert mounts_under(tmp_path) == []
-    print(f"\nkill test: {runs} commands, {kills} killed, {completed} completed, "
+    print(f"\nkill test: {i + 1} commands, {kills} killed, {completed} completed, "
           f"{len(finished)} snapshots checked")
-    assert kills >= runs // 3 and completed >= runs // 4
 
 
 def _wait_group_gone(pgid: int) -> None:
