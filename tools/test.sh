@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
+# pytest runs in a mount namespace of its own (tools/private-mounts.sh says why)
 if [ $# -gt 0 ]; then
-  exec .venv/bin/python -m pytest -q "$@"
+  exec tools/private-mounts.sh .venv/bin/python -m pytest -q "$@"
 fi
-.venv/bin/python -m pytest -q
+tools/private-mounts.sh .venv/bin/python -m pytest -q
 echo "test: the differential and semantic tests again, on stock pyfuse3 (.venv-stock)"
 VENV=.venv-stock OVERLAYFUSE_STOCK_PYFUSE3=1 tools/setup.sh
-exec .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py tests/test_fallocate.py
+exec tools/private-mounts.sh .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py tests/test_fallocate.py
