@@ -39,6 +39,7 @@ class IdPlan:
     uids: tuple[IdRange, ...] = ()
     gids: tuple[IdRange, ...] = ()
     note: str = ""
+    by_root: bool = False  # root maps a user's IDs: root writes the maps, setgroups allowed
 
 
 def subordinate_ranges(path: str, name: str, uid: int) -> list[tuple[int, int]]:
@@ -85,22 +86,30 @@ def _free_range(size: int = 65536) -> int:
     return start
 
 
-def plan_ids(idmap: IdMode = "auto") -> IdPlan:
+def plan_ids(idmap: IdMode = "auto", owner: tuple[int, int] | None = None) -> IdPlan:
     """The map for this process: ``auto`` takes the subordinate ranges when there are some (and
-    the helpers), else one ID; ``subids`` insists on the ranges; ``single`` maps one ID."""
+    the helpers), else one ID; ``subids`` insists on the ranges; ``single`` maps one ID.
+
+    ``owner`` (uid, gid) matters to root only: root working on a tree a normal user owns gets
+    that user's map (0 is the user, then the user's ranges), so what it writes there is the
+    user's to remove; root writes such maps itself, no helper needed.
+    """
     uid, gid = os.geteuid(), os.getegid()
-    if uid == 0:
-        return IdPlan("host", note="running as root: no user namespace, the host's IDs")
+    as_root = uid == 0
+    if as_root:
+        if owner is None or owner[0] == 0:
+            return IdPlan("host", note="running as root: no user namespace, the host's IDs")
+        uid, gid = owner
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         name = str(uid)
-    single = IdPlan("single", (IdRange(0, uid, 1),), (IdRange(0, gid, 1),))
+    single = IdPlan("single", (IdRange(0, uid, 1),), (IdRange(0, gid, 1),), by_root=as_root)
     if idmap == "single":
         return IdPlan("single", single.uids, single.gids,
-                      f"user namespace with one ID (0 is uid {uid}), as asked")
+                      f"user namespace with one ID (0 is uid {uid}), as asked", as_root)
     subuids, subgids = subordinate_ranges(SUBUID, name, uid), subordinate_ranges(SUBGID, name, uid)
-    helpers = [h for h in ("newuidmap", "newgidmap") if not shutil.which(h)]
+    helpers = [] if as_root else [h for h in ("newuidmap", "newgidmap") if not shutil.which(h)]
     why = []
     if helpers:
         why.append(f"{' and '.join(helpers)} missing (Debian's package uidmap has them)")
@@ -110,7 +119,7 @@ def plan_ids(idmap: IdMode = "auto") -> IdPlan:
     if not why:
         note = (f"user namespace: 0 is uid {uid}, 1-{sum(c for _, c in subuids)} are "
                 f"{_spans(subuids)} ({SUBUID}), gids {_spans(subgids)} ({SUBGID})")
-        return IdPlan("subids", _chain(uid, subuids), _chain(gid, subgids), note)
+        return IdPlan("subids", _chain(uid, subuids), _chain(gid, subgids), note, as_root)
     start = _free_range()
     fix = (f"as root: usermod --add-subuids {start}-{start + 65535} --add-subgids "
            f"{start}-{start + 65535} {name}")
@@ -118,7 +127,7 @@ def plan_ids(idmap: IdMode = "auto") -> IdPlan:
             f"{'; '.join(why)}; to map more IDs, {fix}")
     if idmap == "subids":
         raise OverlayfuseError(f"no subordinate IDs to map: {'; '.join(why)}; {fix}")
-    return IdPlan("single", single.uids, single.gids, text)
+    return IdPlan("single", single.uids, single.gids, text, as_root)
 
 
 def _spans(ranges: list[tuple[int, int]]) -> str:
@@ -126,7 +135,13 @@ def _spans(ranges: list[tuple[int, int]]) -> str:
 
 
 def _write_maps(pid: int, plan: IdPlan) -> None:
-    """newuidmap/newgidmap PID ...: run from outside the namespace, as the user."""
+    """newuidmap/newgidmap PID ...: run from outside the namespace, as the user (root writes
+    the maps itself)."""
+    if os.geteuid() == 0:
+        for kind, ranges in (("uid_map", plan.uids), ("gid_map", plan.gids)):
+            with open(f"/proc/{pid}/{kind}", "w") as f:
+                f.write("".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges))
+        return
     for helper, ranges in (("newuidmap", plan.uids), ("newgidmap", plan.gids)):
         args = [str(n) for r in ranges for n in (r.inside, r.outside, r.count)]
         r = subprocess.run([helper, str(pid), *args], capture_output=True, text=True,
@@ -145,7 +160,7 @@ def enter_user_namespace(plan: IdPlan) -> None:
     """
     if plan.mode == "host":
         return
-    if plan.mode == "single":
+    if plan.mode == "single" and not plan.by_root:
         _unshare_user()
         map_ids(0, plan.uids[0].outside, 0, plan.gids[0].outside)
         return
@@ -177,13 +192,18 @@ def enter_user_namespace(plan: IdPlan) -> None:
         _, status = os.waitpid(helper, 0)
     if msg or status != 0:
         raise OverlayfuseError(msg or "cannot map the IDs: the newuidmap helper failed")
+    if plan.by_root:
+        # root's host IDs are not in the map it wrote: become its 0 (the tree's owner)
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
 
 
 def drop_host_groups(plan: IdPlan) -> None:
     """The command starts with no supplementary groups (the host's show as the overflow ID
-    inside); only a map written by newgidmap allows setgroups, and the mounts are made
+    inside); only a map written from outside allows setgroups, and the mounts are made
     before, with the groups' access to the host's paths."""
-    if plan.mode == "subids":
+    if plan.mode == "subids" or plan.by_root:
         os.setgroups([])
 
 

@@ -39,7 +39,8 @@ class Sandbox:
     is the host's or ``"none"`` (an own namespace with loopback up).  ``cwd`` is a directory
     in the tree.  ``env`` None means a clean one (PATH, HOME=/root, the host's TERM).
     ``idmap`` is for a normal user: ``auto`` (subordinate ranges, else one ID), ``subids`` or
-    ``single``; root always keeps the host's IDs.
+    ``single``; root keeps the host's IDs, unless ``owner`` (uid, gid) names a normal user
+    whose tree it is: then root gets that user's map, as the user would.
     """
 
     root: str
@@ -48,11 +49,12 @@ class Sandbox:
     cwd: str = "/"
     env: Mapping[str, str] | None = None
     idmap: IdMode = "auto"
+    owner: tuple[int, int] | None = None
     prepare: Callable[[], None] | None = field(default=None, compare=False)
 
     def ids(self) -> IdPlan:
         """The ID map a run would use (reads /etc/subuid and /etc/subgid now)."""
-        return plan_ids(self.idmap)
+        return plan_ids(self.idmap, self.owner)
 
     def describe(self) -> str:
         """One line on the IDs a run gets, and what to add when it gets only one."""

@@ -10,13 +10,20 @@ interrupts is either in the catalog, or in ``tmp/`` without a live lock, or an u
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 
-from ..probe import rmtree_force
+from ..errors import OverlayfuseError
+from ..sandbox import plan_ids, run_as_mapped_root
 from .locks import held_fresh, is_locked
 from .progress import Progress
+
+log = logging.getLogger(__name__)
+DENIED = (errno.EACCES, errno.EPERM)
 
 SUBDIRS = ("layers", "work", "locks", "tmp")
 
@@ -56,17 +63,30 @@ class Layout:
 
 
 class TmpEntry:
-    """A directory in ``tmp/`` under a lock this process holds until :meth:`close`."""
+    """A directory in ``tmp/`` under a lock this process holds until :meth:`close`.
+
+    Made by root in a user's store, both are given to the owner of ``tmp/``: a leftover of a
+    killed root process stays the user's to remove.
+    """
 
     def __init__(self, layout: Layout, name: str) -> None:
-        self.path = os.path.join(layout.sub("tmp"), name)
+        tmp = layout.sub("tmp")
+        self.path = os.path.join(tmp, name)
         self._lock_path = self.path + ".lock"
         self._fd: int | None = held_fresh(self._lock_path)
         os.mkdir(self.path, 0o755)
+        if os.geteuid() == 0:
+            st = os.stat(tmp)
+            if st.st_uid != 0:
+                os.chown(self._lock_path, st.st_uid, st.st_gid)
+                os.chown(self.path, st.st_uid, st.st_gid)
 
     def close(self) -> None:
-        """Remove what is left in the entry, then let go of its lock."""
-        rmtree_force(self.path)
+        """Remove what is left in the entry (what cannot be is left to ``gc``, with a
+        warning), then let go of its lock."""
+        err = remove_tree(self.path)
+        if err:
+            log.warning("%s (left for gc)", err)
         if self._fd is not None:
             try:
                 os.unlink(self._lock_path)
@@ -147,20 +167,122 @@ def stale_tmp_entries(layout: Layout) -> list[str]:
     return out
 
 
-def remove_tmp_entries(layout: Layout, names: list[str], progress: Progress) -> None:
+def remove_tmp_entries(layout: Layout, names: list[str], progress: Progress,
+                       errors: list[str]) -> int:
+    """Remove the ``tmp/`` entries ``names`` (and their free lock files): how many are really
+    gone; why the others are not is added to ``errors``."""
     tmp = layout.sub("tmp")
+    gone = 0
     for i, name in enumerate(names):
         progress.update(f"removing leftover {i + 1}/{len(names)}")
         path = os.path.join(tmp, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            rmtree_force(path)
-        else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        err = remove_tree(path)
+        if err:
+            errors.append(err)
+            continue
+        gone += 1
         try:
             if not is_locked(path + ".lock"):
                 os.unlink(path + ".lock")
         except FileNotFoundError:
             pass
+        except OSError as e:
+            errors.append(f"cannot remove {path}.lock: {e.strerror or e}")
+    return gone
+
+
+def remove_tree(path: str) -> str | None:
+    """Remove ``path`` and everything below it: None once it is gone, else why not (one line).
+
+    A normal user's runs leave files that subordinate IDs own, and mode-000 dirs, which the
+    user cannot unlink or chmod from outside: on EACCES/EPERM the removal is done again as
+    root of a user namespace with the user's map (CAP_DAC_OVERRIDE/CAP_FOWNER over them all).
+    """
+    try:
+        _remove(path)
+        return None
+    except OSError as e:
+        first = e
+    if first.errno not in DENIED or os.geteuid() == 0:
+        return f"cannot remove {path}: {_why(first)}"
+    plan = plan_ids("auto")
+    try:
+        err = run_as_mapped_root(lambda: _try_remove(path), plan)
+    except OverlayfuseError as e:
+        err = str(e)
+    if err is None and os.path.lexists(path):
+        err = "still there"
+    if err is None:
+        return None
+    hint = "" if plan.mode == "subids" else f" ({plan.note})"
+    return f"cannot remove {path}: {err}{hint}"
+
+
+def _try_remove(path: str) -> str | None:
+    """``_remove``, its failure as a short text (what crosses back from the namespace)."""
+    try:
+        _remove(path)
+    except OSError as e:
+        return _why(e)
+    return None
+
+
+def as_owner(fn: Callable[[], None]) -> None:
+    """``fn()``, done again as root of the user's namespace when the user may not (a rename
+    of a dir a subordinate ID owns: it needs write access to the dir itself)."""
+    try:
+        fn()
+    except OSError as e:
+        if e.errno not in DENIED or os.geteuid() == 0:
+            raise
+        try:
+            run_as_mapped_root(fn)
+        except OverlayfuseError:
+            raise e from None
+
+
+def _why(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
+def _remove(path: str) -> None:
+    """Remove ``path`` (any type) and all below it, opening up dirs that deny their owner;
+    the first failure raises (a vanished entry is no failure).  No recursion: layer trees
+    may be deeper than Python's stack."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        _unlink(path)
+        return
+    stack = [path]
+    while stack:
+        d = stack[-1]
+        try:
+            st = os.lstat(d)
+            if st.st_mode & 0o700 != 0o700:
+                os.chmod(d, stat.S_IMODE(st.st_mode) | 0o700)
+            subdirs = []
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+                    else:
+                        _unlink(entry.path)
+            if subdirs:
+                stack.extend(subdirs)
+                continue
+            os.rmdir(d)
+        except FileNotFoundError as e:
+            if e.filename not in (d, None):
+                raise
+        stack.pop()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -4,8 +4,10 @@
 (``overlayfuse.sandbox``) makes the namespaces; its ``prepare`` mounts the use's overlay with
 the kernel in the new mount namespace (as root the plain kernel overlay, as a normal user the
 kernel overlay in the user namespace, ``userxattr``), so the mount, and every process of the
-command, vanish with the command.  A normal user runs with one ID mapped (root inside is the
-user); subordinate ranges wait for housekeeping that can remove what they own.
+command, vanish with the command.  A normal user is root inside, and the user's subordinate
+ranges give every other ID (one ID only without ranges, or with ``map_root``); the layers then
+hold files those IDs own, which the store's housekeeping removes in the same map.  Root on a
+normal user's store runs in that user's map too: what it writes stays the user's to remove.
 
 The sandbox makes the mount points a tree lacks (``/proc``, ``/dev``, ``/sys``, ``--bind``
 targets); made here first, they are taken out of a kept upper again afterwards, so a data-only
@@ -23,6 +25,7 @@ from ..backends.kernel import mount_or_explain
 from ..errors import OverlayfuseError
 from ..format import default_prefix, is_opaque, is_whiteout_stat, is_xattr_whiteout
 from ..sandbox import Bind, CommandError, Sandbox, plan_ids
+from ..sandbox.idmaps import IdMode
 from ..sandbox import run as sandbox_run
 from ..sandbox.launch import DEFAULT_PATH
 from ..sandbox.rootfs import resolve_in
@@ -40,11 +43,13 @@ Network = Literal["host", "none"]
 def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host",
                cwd: str | None = None, env: dict[str, str] | None = None,
-               readonly: bool = False, keep_upper: bool = False, verbose: bool = False) -> int:
+               readonly: bool = False, keep_upper: bool = False, verbose: bool = False,
+               map_root: bool = False) -> int:
     """Run ``argv`` with the merged tree of ``spec`` (which has an upper) as ``/``.
 
     ``readonly`` shows the tree read-only; ``keep_upper`` says the upper outlives the run
-    (the mount points made for it are taken out again).  The command's exit status;
+    (the mount points made for it are taken out again).  ``map_root`` maps one ID only (root
+    inside is the user) even when the user has subordinate ranges.  The command's exit status;
     OverlayfuseError for a set-up failure, CommandError (126/127) when it cannot start.
     """
     assert spec.upperdir is not None and spec.workdir is not None
@@ -57,11 +62,14 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
         raise OverlayfuseError(
             "cannot run with the tree as /: the kernel refuses overlayfs here and the FUSE "
             f"backend does not run inside the sandbox yet ({why})")
-    userxattr = os.geteuid() != 0
+    idmap: IdMode = "single" if map_root else "auto"
+    owner = store.owner
+    plan = plan_ids(idmap, owner)
+    userxattr = plan.mode != "host"
     who = "kernel overlayfs in a user namespace" if userxattr else "kernel overlayfs"
     if verbose:
         print(f"overlayfuse: {why}", file=sys.stderr)
-        print(f"overlayfuse: {plan_ids('single').note}", file=sys.stderr)
+        print(f"overlayfuse: {plan.note}", file=sys.stderr)
     points = mount_points(binds)
     made = absent_from(spec, points) if keep_upper else []
     with TmpEntry(store.layout, "root-" + os.urandom(6).hex()) as mnt:
@@ -74,7 +82,7 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                 mount(None, mnt.path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
         sandbox = Sandbox(mnt.path, binds=binds, network=network, cwd=sandbox_cwd,
-                          env=command_env(env), idmap="single", prepare=prepare)
+                          env=command_env(env), idmap=idmap, owner=owner, prepare=prepare)
         try:
             return sandbox_run(sandbox, argv)
         finally:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import OverlayfuseError
-from ..probe import rmtree_force
 from ..probe.scratch import remove_stale_scratch
 from ..sysmount.fsinfo import is_mountpoint, mount_table
 from . import catalog as cat
-from .disk import Layout, remove_tmp_entries, stale_tmp_entries, tree_size
+from .disk import (Layout, as_owner, remove_tmp_entries, remove_tree, stale_tmp_entries,
+                   tree_size)
 from .locks import is_locked
 from .progress import Progress
 
@@ -212,11 +212,14 @@ class LayerStore:
 
     # -- removing what nothing holds ----------------------------------------------------------
 
-    def reap(self, progress: Progress | None = None) -> int:
+    def reap(self, progress: Progress | None = None, errors: list[str] | None = None) -> int:
         """Remove the dirs of layers the catalog no longer has (and nobody uses), the work dirs
-        of frozen layers and dead mount records: the disk side of every change. Its count."""
+        of frozen layers and dead mount records: the disk side of every change.  How many
+        dirs are really gone; why the others are not goes to ``errors``, else raises one
+        OverlayfuseError (what could not go waits in tmp/ for ``gc``)."""
         progress = progress or Progress("reap", enabled=False)
         dead: list[str] = []
+        failed: list[str] = []
         with self.txn() as conn:
             known = cat.layer_ids(conn)
             rows = self.mount_rows(conn)
@@ -238,17 +241,35 @@ class LayerStore:
                         continue
                     grave = os.path.join(self.layout.sub("tmp"), f"dead-{kind}-{name}-"
                                          f"{os.urandom(4).hex()}")
-                    os.rename(os.path.join(self.layout.sub(kind), name), grave)
+                    old = os.path.join(self.layout.sub(kind), name)
+                    try:
+                        # a dir moves to another parent only with write access to itself
+                        as_owner(lambda: os.rename(old, grave))
+                    except OSError as e:
+                        failed.append(f"cannot remove {old}: {e.strerror or e}")
+                        continue
                     dead.append(grave)
             for name in os.listdir(self.layout.sub("locks")):
                 path = self.layout.lock(name)
                 if name not in known and not is_locked(path):
-                    os.unlink(path)
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+        gone = 0
         for i, grave in enumerate(dead):
             progress.update(f"removing {i + 1}/{len(dead)}")
-            rmtree_force(grave)
+            err = remove_tree(grave)
+            if err:
+                failed.append(err)
+            else:
+                gone += 1
         progress.done()
-        return len(dead)
+        if errors is not None:
+            errors.extend(failed)
+        elif failed:
+            raise OverlayfuseError(_failures(failed))
+        return gone
 
     def gc(self, progress: Progress | None = None) -> dict[str, int]:
         """Bring the store back to a consistent state after crashes: remove leftovers of
@@ -258,15 +279,25 @@ class LayerStore:
             dropped = len(cat.drop_unheld(conn))
         # a probe killed with its store command left its scratch dir beside the uppers
         remove_stale_scratch(self.layout.sub("layers"))
+        errors: list[str] = []
         stale = stale_tmp_entries(self.layout)
-        remove_tmp_entries(self.layout, stale, progress)
-        removed = self.reap(progress)
+        leftovers = remove_tmp_entries(self.layout, stale, progress, errors)
+        removed = self.reap(progress, errors)
         conn = self.db()
         missing = [layer for layer in cat.layer_ids(conn)
                    if not os.path.isdir(self.layout.layer(layer))]
         progress.done()
+        if errors:
+            raise OverlayfuseError(f"gc removed {removed} dirs and {leftovers} leftovers, "
+                                   f"but {_failures(errors)}")
         return {"layers": len(cat.layer_ids(conn)), "dropped": dropped, "removed": removed,
-                "leftovers": len(stale), "missing": len(missing)}
+                "leftovers": leftovers, "missing": len(missing)}
+
+
+def _failures(errors: list[str]) -> str:
+    """Removal failures as one line: the first, and how many more."""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return errors[0] + more
 
 
 def _raise_fd_limit() -> None:
