@@ -18,9 +18,11 @@ fail() { echo "setup: $1" >&2; [ -s "$log" ] && tail -n 30 "$log" >&2; exit 1; }
 
 # podman, runc and busybox-static are for tests/test_podman.py (podman as the client of the
 # mount program): about 22 MB to download, 100 MB on disk; patch applies our pyfuse3 patch;
-# uidmap (newuidmap/newgidmap) maps a user's subordinate IDs into the sandbox's user namespace
+# uidmap (newuidmap/newgidmap) maps a user's subordinate IDs into the sandbox's user namespace;
+# zstd unpacks .tar.zst for store init --from-tar; libcap2-bin's setcap makes test archives;
+# debootstrap makes tests/test_debian_root.py's Debian 12 root (cached in /var/tmp)
 pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr fuse-overlayfs util-linux
-      patch podman runc busybox-static uidmap)
+      patch podman runc busybox-static uidmap zstd libcap2-bin debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

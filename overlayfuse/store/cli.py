@@ -42,7 +42,8 @@ def _run_options(c: argparse.ArgumentParser) -> None:
     _sandbox_options(c)
     c.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
     c.add_argument("--map-root", action="store_true",
-                   help="root inside is the calling user: the default now, kept for scripts")
+                   help="map one ID only (root inside is the calling user), not the "
+                        "subordinate ranges of /etc/subuid and /etc/subgid")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="say which backend and which IDs, and why")
 
@@ -54,10 +55,15 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
                                    "plugin), mounted or run through any backend.")
     _common(p)
     cmds = p.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
-    c = cmds.add_parser("init", help="create the config (and the store) from a dir, another "
-                                     "config's snapshot, or empty; snapshot postinit")
+    c = cmds.add_parser("init", help="create the config (and the store) from a dir, a "
+                                     "tarball, another config's snapshot, or empty; snapshot "
+                                     "postinit")
     src = c.add_mutually_exclusive_group()
     src.add_argument("--from", dest="from_dir", metavar="DIR")
+    src.add_argument("--from-tar", metavar="FILE",
+                     help="a root filesystem tarball (plain, gzip, bzip2, xz or zstd): owners "
+                          "(a normal user's as its subordinate IDs), modes, times, xattrs, "
+                          "hard links; device nodes skipped")
     src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]")
     c = cmds.add_parser("mount", help="mount the current state writable (a snapshot: read-only)")
     c.add_argument("--backend", default="auto", choices=("auto", "kernel", "fuse"))
@@ -139,7 +145,7 @@ def _binds(texts: list[str]) -> tuple[Bind, ...]:
 def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return dict(writable=args.writable, snapshot=args.snapshot, backend=args.backend,
                 cwd=args.cwd, binds=_binds(args.bind), network=args.network,
-                verbose=args.verbose)
+                verbose=args.verbose, map_root=args.map_root)
 
 
 def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:
@@ -176,7 +182,9 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
         return 0
     config = store.config(args.config)
     if cmd == "init":
-        config.init(from_dir=args.from_dir, from_config=args.from_config)
+        for line in config.init(from_dir=args.from_dir, from_config=args.from_config,
+                                from_tar=args.from_tar):
+            print(f"overlayfuse: {line}", file=sys.stderr)
     elif cmd == "mount":
         m = config.mount(args.mountpoint, args.backend, snapshot=args.snapshot,
                          verbose=args.verbose)

@@ -17,7 +17,7 @@ from ..backends import Mount
 from ..backends.choose import choose
 from ..errors import OverlayfuseError
 from ..probe import signals_unwind, unmount_fuse
-from ..sandbox import Bind, CommandError
+from ..sandbox import Bind, CommandError, plan_ids, run_as_mapped_root
 from ..sandbox.rootfs import check_tree_path
 from ..spec import OverlaySpec
 from ..sysmount.fsinfo import is_mountpoint
@@ -26,6 +26,7 @@ from . import catalog as cat
 from .copytree import copy_tree
 from .disk import TmpEntry, make_layer_root, tree_size
 from .progress import Progress
+from .tarimport import import_tar
 from .rooted import Network, root_shell, run_rooted, shell_error, tree_cwd
 from .store import LayerStore, check_name
 from .use import take
@@ -54,12 +55,18 @@ class Config:
     # -- creation -----------------------------------------------------------------------------
 
     def init(self, from_dir: str | None = None, from_config: str | None = None,
-             progress: Progress | None = None) -> None:
-        """Create the config: a copy of ``from_dir``, the layers of another config's snapshot
-        (``OTHER[:SNAPSHOT]``, shared), or empty; then take the snapshot ``postinit``."""
-        if from_dir is not None and from_config is not None:
-            raise OverlayfuseError("init takes --from or --from-config, not both")
+             progress: Progress | None = None, from_tar: str | None = None) -> list[str]:
+        """Create the config: a copy of ``from_dir``, the contents of the root filesystem
+        tarball ``from_tar``, the layers of another config's snapshot (``OTHER[:SNAPSHOT]``,
+        shared), or empty; then take the snapshot ``postinit``.  Returns lines to show the
+        user (what an import skipped, the IDs it could not keep)."""
+        if sum(x is not None for x in (from_dir, from_config, from_tar)) > 1:
+            raise OverlayfuseError("init takes one of --from, --from-tar and --from-config")
         store = self.store
+        if from_tar is not None:
+            from_tar = os.path.abspath(from_tar)
+            if not os.path.isfile(from_tar):
+                raise OverlayfuseError(f"--from-tar {from_tar}: not a file")
         if from_dir is not None:
             from_dir = os.path.realpath(from_dir)
             if not os.path.isdir(from_dir):
@@ -83,18 +90,26 @@ class Config:
                 if layer is None:
                     raise OverlayfuseError(f"no snapshot {snap!r} in config {other!r}")
                 self._create_rows(conn, f"config {other}:{snap or '(current)'}", layer)
-            return
+            return []
+        notes: list[str] = []
+        origin = "empty"
         with TmpEntry(store.layout, "init-" + os.urandom(6).hex()) as tmp:
             layer_dir = os.path.join(tmp.path, "layer")
             make_layer_root(layer_dir, None, store.owner)
             if from_dir is not None:
                 copy_tree(from_dir, layer_dir, progress or Progress(f"copying {from_dir}"))
+                origin = f"dir {from_dir}"
+            if from_tar is not None:
+                notes = _import_tar(from_tar, layer_dir, store.owner,
+                                    progress or Progress(f"unpacking {from_tar}"))
+                origin = f"tar {from_tar}"
             layer = cat.new_layer_id()
             with store.txn() as conn:
                 self._refuse_existing(conn)
                 cat.add_layer(conn, layer, None)
-                self._create_rows(conn, f"dir {from_dir}" if from_dir else "empty", layer)
+                self._create_rows(conn, origin, layer)
                 os.rename(layer_dir, store.layout.layer(layer))
+        return notes
 
     def _refuse_existing(self, conn: sqlite3.Connection) -> None:
         if cat.config_exists(conn, self.name):
@@ -270,13 +285,13 @@ class Config:
     def run(self, argv: Sequence[str], *, writable: bool = False, snapshot: str | None = None,
             backend: str = "auto", cwd: str | None = None, env: dict[str, str] | None = None,
             binds: Sequence[Bind | str] = (), network: Network = "host",
-            map_root: bool = True, verbose: bool = False) -> int:
+            map_root: bool = False, verbose: bool = False) -> int:
         """Run ``argv`` with the current state as ``/`` (cwd ``/`` or ``cwd``): its changes
         stay in the config's upper, or vanish afterwards with ``writable`` (a throwaway upper;
         several may run at once).  A ``snapshot`` is shown read-only unless ``writable``.
         ``binds`` are host paths shown inside (``Bind`` or ``SRC[:DST[:ro]]``).  ``env`` None
-        is a clean environment.  A normal user is root inside (one ID mapped): ``map_root``
-        is kept for callers of the older API and is always so now."""
+        is a clean environment.  A normal user is root inside, with the subordinate ranges
+        for the other IDs; ``map_root`` maps one ID only (root inside is the user)."""
         keep = snapshot is None and not writable
         binds = [b if isinstance(b, Bind) else Bind.parse(b) for b in binds]
         for bind in binds:  # before the layers are taken: bad input changes nothing
@@ -290,7 +305,7 @@ class Config:
                                   binds=binds,
                                   network=network, cwd=cwd, env=env,
                                   readonly=snapshot is not None and not writable,
-                                  keep_upper=keep, verbose=verbose)
+                                  keep_upper=keep, verbose=verbose, map_root=map_root)
             finally:
                 use.release()
                 self.store.reap()
@@ -313,6 +328,20 @@ class Config:
         """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""
         from .build import build
         return build(self, stepfile, **kwargs)  # type: ignore[arg-type]
+
+
+def _import_tar(path: str, layer_dir: str, owner: tuple[int, int],
+                progress: Progress) -> list[str]:
+    """Unpack as the store's runs see IDs: a normal user as root of a user namespace with
+    the subordinate ranges (owners kept as those IDs), root with the host's IDs."""
+    plan = plan_ids("auto", owner)
+    summary = run_as_mapped_root(
+        lambda: import_tar(path, layer_dir, progress, chown=plan.mode != "single"), plan)
+    notes = [summary.line(path)]
+    if plan.mode == "single":
+        notes.append(f"the archive's owners are not kept, every entry is uid {owner[0]}'s "
+                     f"(0 in runs): {plan.note}")
+    return notes
 
 
 class Snapshot:
