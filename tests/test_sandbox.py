@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from mounts import REPO, tree_snapshot
-from unpriv import Unprivileged
+from unpriv import Unprivileged, subordinate_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
 
@@ -193,35 +193,6 @@ def user_box(unprivileged: Unprivileged) -> Box:
     subprocess.run(["chown", "-R", f"{unprivileged.uid}:{unprivileged.gid}", str(tree)],
                    check=True)
     return Box(unprivileged, unprivileged.home, tree)
-
-
-@contextlib.contextmanager
-def subordinate_ids(user: str, start: int, count: int) -> Iterator[None]:
-    """``user:start:count`` in /etc/subuid and /etc/subgid for the block; afterwards the files
-    are put back byte for byte (or, if someone else changed them meanwhile, only our line is
-    taken out again), even when the test fails."""
-    line = f"{user}:{start}:{count}\n"
-    saved: dict[str, bytes | None] = {}
-    written: dict[str, bytes] = {}
-    try:
-        for f in ("/etc/subuid", "/etc/subgid"):
-            old = Path(f).read_bytes() if os.path.exists(f) else None
-            saved[f] = old
-            text = old or b""
-            written[f] = text + (b"\n" if text and not text.endswith(b"\n") else b"") + \
-                line.encode()
-            Path(f).write_bytes(written[f])
-        yield
-    finally:
-        for f, old in saved.items():
-            now = Path(f).read_bytes() if os.path.exists(f) else b""
-            if now == written.get(f):
-                if old is None:
-                    os.unlink(f)
-                else:
-                    Path(f).write_bytes(old)
-            else:
-                Path(f).write_bytes(now.replace(line.encode(), b""))
 
 
 @pytest.fixture

@@ -269,25 +269,30 @@ def make_home(uid: int, gid: int) -> Path:
 def subordinate_ids(user: str, start: int, count: int) -> Iterator[None]:
     """``user:start:count`` in /etc/subuid and /etc/subgid for the block; afterwards the files
     are put back byte for byte (or, if someone else changed them meanwhile, only our line is
-    taken out again), even when the test fails."""
+    taken out again), even when the test fails.  The block holds an flock shared by all test
+    sessions: a user's ranges are chained in file order, so another session's line for the
+    same user would shift every ID this one expects."""
     line = f"{user}:{start}:{count}\n".encode()
     saved: dict[str, bytes | None] = {}
     written: dict[str, bytes] = {}
-    try:
-        for f in ("/etc/subuid", "/etc/subgid"):
-            old = Path(f).read_bytes() if os.path.exists(f) else None
-            saved[f] = old
-            text = old or b""
-            written[f] = text + (b"\n" if text and not text.endswith(b"\n") else b"") + line
-            Path(f).write_bytes(written[f])
-        yield
-    finally:
-        for f, old in saved.items():
-            now = Path(f).read_bytes() if os.path.exists(f) else b""
-            if now == written.get(f):
-                if old is None:
-                    os.unlink(f)
+    STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+    with open(STATE_DIR / "subids.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for f in ("/etc/subuid", "/etc/subgid"):
+                old = Path(f).read_bytes() if os.path.exists(f) else None
+                saved[f] = old
+                text = old or b""
+                written[f] = text + (b"\n" if text and not text.endswith(b"\n") else b"") + line
+                Path(f).write_bytes(written[f])
+            yield
+        finally:
+            for f, old in saved.items():
+                now = Path(f).read_bytes() if os.path.exists(f) else b""
+                if now == written.get(f):
+                    if old is None:
+                        os.unlink(f)
+                    else:
+                        Path(f).write_bytes(old)
                 else:
-                    Path(f).write_bytes(old)
-            else:
-                Path(f).write_bytes(now.replace(line, b""))
+                    Path(f).write_bytes(now.replace(line, b""))
