@@ -1,13 +1,15 @@
 """A command run with a use's merged tree as ``/``: the overlay mounted inside the sandbox.
 
 ``store run``, ``store shell`` and every ``build`` step come here.  The sandbox
-(``overlayfuse.sandbox``) makes the namespaces; its ``prepare`` mounts the use's overlay with
-the kernel in the new mount namespace (as root the plain kernel overlay, as a normal user the
-kernel overlay in the user namespace, ``userxattr``), so the mount, and every process of the
-command, vanish with the command.  A normal user is root inside, and the user's subordinate
-ranges give every other ID (one ID only without ranges, or with ``map_root``); the layers then
-hold files those IDs own, which the store's housekeeping removes in the same map.  Root on a
-normal user's store runs in that user's map too: what it writes stays the user's to remove.
+(``overlayfuse.sandbox``) makes the namespaces; its ``prepare`` mounts the use's overlay in the
+new mount namespace: with the kernel (as root the plain kernel overlay, as a normal user the
+kernel overlay in the user namespace, ``userxattr``), or, where the kernel refuses that (or
+``--backend fuse``), with the FUSE daemon started inside the same namespaces.  So the mount,
+and every process of the command (the daemon too), vanish with the command.  A normal user is
+root inside, and the user's subordinate ranges give every other ID (one ID only without ranges,
+or with ``map_root``); the layers then hold files those IDs own, which the store's housekeeping
+removes in the same map.  Root on a normal user's store runs in that user's map too: what it
+writes stays the user's to remove.
 
 The sandbox makes the mount points a tree lacks (``/proc``, ``/dev``, ``/sys``, ``--bind``
 targets); made here first, they are taken out of a kept upper again afterwards, so a data-only
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from dataclasses import replace
 from typing import Literal, Sequence
 
 from ..backends.choose import choose
@@ -28,15 +32,18 @@ from ..sandbox import Bind, CommandError, Sandbox, plan_ids
 from ..sandbox.idmaps import IdMode
 from ..sandbox import run as sandbox_run
 from ..sandbox.launch import DEFAULT_PATH
+from ..sandbox.process import SETUP_FAILED
 from ..sandbox.rootfs import resolve_in
 from ..spec import OverlaySpec
-from ..sysmount.syscalls import MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount
+from ..sysmount.syscalls import (CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_RDONLY, MS_REC,
+                                 MS_REMOUNT, mount, unshare)
 from .disk import TmpEntry
 from .store import LayerStore
 
 log = logging.getLogger(__name__)
 
 MOUNT_POINTS = ("proc", "dev", "sys")
+MS_SHARED = 1 << 20
 Network = Literal["host", "none"]
 
 
@@ -58,10 +65,6 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
         bind.check()
     sandbox_cwd = tree_cwd(cwd)
     chosen, why = choose(spec, "run", backend)
-    if chosen.name == "fuse":
-        raise OverlayfuseError(
-            "cannot run with the tree as /: the kernel refuses overlayfs here and the FUSE "
-            f"backend does not run inside the sandbox yet ({why})")
     idmap: IdMode = "single" if map_root else "auto"
     owner = store.owner
     plan = plan_ids(idmap, owner)
@@ -75,7 +78,10 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
     with TmpEntry(store.layout, "root-" + os.urandom(6).hex()) as mnt:
 
         def prepare() -> None:
-            mount_or_explain(spec, mnt.path, userxattr=userxattr, who=who)
+            if chosen.name == "fuse":
+                mount_fuse_inside(spec, mnt.path, userxattr=userxattr)
+            else:
+                mount_or_explain(spec, mnt.path, userxattr=userxattr, who=who)
             make_mount_points(mnt.path, binds)
             if readonly:
                 mount(mnt.path, mnt.path, None, MS_BIND | MS_REC)
@@ -87,6 +93,53 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
             return sandbox_run(sandbox, argv)
         finally:
             drop_made(spec.upperdir, made)
+
+
+def mount_fuse_inside(spec: OverlaySpec, target: str, *, userxattr: bool) -> None:
+    """Mount ``spec`` on ``target`` with the FUSE daemon started here, in the sandbox's user
+    namespace (as podman runs fuse-overlayfs): root there with every mapped ID, it stores each
+    owner a command sets, as the subordinate ID on the host.  With ``userxattr`` its markers are
+    ``user.overlay.*``, as the kernel's in a user namespace would be (one format for both).
+
+    The daemon gets a mount namespace of its own, a copy of this one taken before the tree is
+    mounted: the mount reaches this namespace through a shared mount point (then made private
+    again), and the sandbox's pivot_root, which detaches the host's root here, leaves the
+    daemon's view of the host (its layers, Python's modules) whole.  It is in the sandbox's PID
+    namespace: the kernel kills it when the command's init exits.  Without the writeback cache
+    every write the command saw return has reached the upper already; a copy-up is renamed into
+    place whole.
+    """
+    # the daemon refuses a mount point that is one already: its parent is the shared one
+    parent = os.path.dirname(os.path.abspath(target))
+    mount(parent, parent, None, MS_BIND)
+    mount(None, parent, None, MS_SHARED)
+    if userxattr and not spec.userxattr:
+        spec = replace(spec, options=spec.options + (("userxattr", None),))
+    argv = [sys.executable, "-m", "overlayfuse", "mount", "--backend", "fuse",
+            "-o", spec.to_options(), target]
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked process
+        try:
+            os.close(r)
+            os.dup2(w, 2)
+            unshare(CLONE_NEWNS)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(SETUP_FAILED)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode(errors="replace").strip()
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:
+        last = said.splitlines()[-1] if said else f"status {status}"
+        raise OverlayfuseError(f"the FUSE daemon cannot mount the tree: "
+                               f"{last.removeprefix('overlayfuse: ')}")
+    mount(None, parent, None, MS_REC | MS_PRIVATE)
 
 
 def tree_cwd(cwd: str | None) -> str:
