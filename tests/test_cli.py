@@ -377,3 +377,34 @@ def test_unprivileged_fuse_overlayfs_form_and_umount(unprivileged) -> None:  # n
         for pid in overlayfuse_pids(layers.mnt):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_check_says_which_ids_store_runs_map(unprivileged, tmp_path: Path) -> None:  # noqa: ANN001
+    """``overlayfuse check`` names the caller's subordinate ranges that store runs map, or says
+    that one ID only will be mapped and what to add; root hears that it keeps the host's IDs."""
+    from overlayfuse.sandbox.idmaps import SUBUID, subordinate_ranges
+    from unpriv import subordinate_ids
+    u = unprivileged
+    assert subordinate_ranges(SUBUID, u.user, u.uid) == [], "precondition: no ranges"
+
+    def check(*extra: str) -> str:
+        r = u.run([u.python, "-m", "overlayfuse", "check", "--upper", str(u.home), *extra],
+                  capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    line = next(x for x in check().splitlines() if x.startswith("store run IDs: "))
+    assert line.startswith(f"store run IDs: user namespace with one ID (0 is uid {u.uid}; ")
+    assert f"no range for {u.user} in /etc/subuid" in line
+    assert "usermod --add-subuids" in line and line.endswith(u.user)
+    start, count = 840000, 65536
+    span = f"{start}-{start + count - 1}"
+    with subordinate_ids(u.user, start, count):
+        assert f"store run IDs: user namespace: 0 is uid {u.uid}, 1-{count} are {span} " \
+               f"(/etc/subuid), gids {span} (/etc/subgid)\n" in check()
+        assert json.loads(check("--json"))["store_run_ids"] == (
+            f"user namespace: 0 is uid {u.uid}, 1-{count} are {span} (/etc/subuid), "
+            f"gids {span} (/etc/subgid)")
+    r = ovf("check", "--json", "--upper", str(tmp_path))
+    assert json.loads(r.stdout)["store_run_ids"] == (
+        "running as root: no user namespace, the host's IDs"), r.stderr

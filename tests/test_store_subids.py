@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,3 +245,44 @@ def test_root_on_the_users_store_leaves_it_removable(user: Who, subids: int) -> 
     quiet(user.store("scrub"))
     assert quiet(user.store("gc")) == "gc: 0 layers kept, 0 dirs and 1 leftovers removed\n"
     assert leftovers(user) == {"layers": [], "work": [], "tmp": []}
+
+
+def test_build_step_giving_the_root_to_a_subordinate_id(user: Who, subids: int) -> None:
+    """A step that chowns ``/`` leaves an upper owned by a subordinate ID: the user cannot move
+    it into layers/ by a plain rename (a dir changes parent only with write access to itself),
+    so the store does it as root of the user's namespace; the build keeps the step's layer.
+    So for a fresh upper whose root denies its owner writes, and for such an imported root."""
+    init(user)
+    r = user.build(["chown 1000:1000 / && touch /built"])
+    assert r.returncode == 0, r.stderr
+    assert "built default: 1 steps, 0 cached" in r.stderr
+    layer = upper_of_file(user, "built")
+    base = subids - 1
+    assert (layer.lstat().st_uid, layer.lstat().st_gid) == (base + 1000, base + 1000)
+    assert leftovers(user)["tmp"] == []
+    # the layer is the config's current state, and a rerun takes it from the cache
+    assert ok(user.store("run", "--", "ls", "/built")) == "/built\n"
+    r = user.build(["chown 1000:1000 / && touch /built"])
+    assert r.returncode == 0 and "[1/1] cached" in r.stderr, r.stderr
+    # the same move for a fresh upper whose root keeps a mode that denies its owner writes,
+    # and for a tarball whose root entry is such a dir
+    quiet(user.store("run", "--", "chmod", "555", "/"))
+    quiet(user.store("snapshot", "s"))
+    assert ok(user.store("run", "--", "stat", "-c", "%a", "/")) == "555\n"
+    tar = user.home / "root.tar"
+    with tarfile.open(tar, "w") as tf:
+        root = tarfile.TarInfo(".")
+        root.type, root.mode, root.uid, root.gid = tarfile.DIRTYPE, 0o555, 1000, 1000
+        tf.addfile(root)
+    user.own(tar)
+    before = set((user.base / "layers").iterdir())
+    ok(user.store("--config", "t", "init", "--from-tar", str(tar)))
+    [imported] = set((user.base / "layers").iterdir()) - before
+    st = imported.lstat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o555, base + 1000)
+
+
+def upper_of_file(who: Who, name: str) -> Path:
+    found = [d for d in (who.base / "layers").iterdir() if (d / name).exists()]
+    assert len(found) == 1, found
+    return found[0]

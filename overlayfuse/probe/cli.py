@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import OverlayfuseError
+from ..sandbox.idmaps import plan_ids
 from ..spec import OverlaySpec
 from ..validate import validate_layers
 from .api import probe, probe_dir_for
@@ -43,9 +44,13 @@ def cmd_check(args: "argparse.Namespace") -> int:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return 1
     from ..backends.fuse import transport_note  # the backends sit above the probe: late
+    # the caller's own map, read fresh: /etc/subuid changes without the cached probe knowing
+    ids = plan_ids().note
     if args.json:
-        print(json.dumps({**report.to_dict(), "fuse_transport": transport_note()}, indent=2))
+        print(json.dumps({**report.to_dict(), "fuse_transport": transport_note(),
+                          "store_run_ids": ids}, indent=2))
     else:
         print(report.format_text())
         print(f"fuse transport: {transport_note()}")
+        print(f"store run IDs: {ids}")
     return 0 if report.can_mount() else 1

@@ -1,15 +1,27 @@
 """The layer store: configs of layers with snapshots, mounted or run through any backend.
 
-Modules, bottom up: ``catalog`` (the SQLite tables and what holds a layer), ``locks`` (flock
-files), ``disk`` (the directories, half-made things in tmp/), ``copytree`` (``init --from``),
-``progress`` (the terminal line), ``store`` (LayerStore: opening, who uses a layer, reap and
-gc), ``use`` (taking layers for a mount or run), ``rooted`` (a command with a use's tree as
-``/``, through ``overlayfuse.sandbox``), ``config`` (the snapshot operations, mount,
-run), ``build`` (step-cached builds), ``cli`` (``overlayfuse store`` and ``build``).
+Floors, bottom up; a module imports only from the floors below it (tests/test_floors.py):
+
+    catalog    the SQLite tables: configs, refs, layers, steps, what holds a layer
+    locks      the flock files that say a layer or a tmp/ entry is in use
+    progress   the one terminal line of a long copy or unpack
+    disk       the directories: layout, tmp/ entries, removal as the layers' owner
+    copytree   ``init --from DIR``: copy a tree into a fresh layer
+    tarimport  ``init --from-tar FILE``: unpack a root filesystem tarball into a fresh layer
+    store      the catalog-level LayerStore: opening, who uses a layer, reap and gc
+    use        taking layers for a mount or a run: spec, locks, catalog record
+    rooted     a command with a use's tree as ``/`` (through ``overlayfuse.sandbox``)
+    config     a config's snapshot operations, mounts and runs; Snapshot
+    build      step-cached builds of a config
+    api        the public LayerStore (adds ``config(name)``) and Config (adds ``build``)
+    cli        ``overlayfuse store`` and ``overlayfuse build``
+
+This package's face (below) takes the public names from ``api``.
 """
 from __future__ import annotations
 
-from .config import Config, Snapshot
-from .store import LayerStore, default_base
+from .api import Config, LayerStore
+from .config import Snapshot
+from .store import default_base
 
 __all__ = ["Config", "LayerStore", "Snapshot", "default_base"]

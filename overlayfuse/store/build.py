@@ -22,7 +22,7 @@ from ..errors import OverlayfuseError
 from ..sandbox import Bind
 from . import catalog as cat
 from .config import Config
-from .disk import is_empty_dir
+from .disk import as_owner, is_empty_dir
 from .rooted import Network, run_rooted
 from .store import check_name
 from .use import Use, take
@@ -144,7 +144,9 @@ def _run_step(config: Config, parent: str, key: str, step: str, no_cache: bool,
             layer = cat.new_layer_id() if changed else parent
             if changed:
                 cat.add_layer(conn, layer, parent)
-                os.rename(use.spec.upperdir, store.layout.layer(layer))
+                # a step that chowned / leaves an upper the user may not move: as its owner
+                upper, dest = use.spec.upperdir, store.layout.layer(layer)
+                as_owner(lambda: os.rename(upper, dest))
             conn.execute("INSERT OR REPLACE INTO steps(config, key, layer, seconds) "
                          "VALUES (?, ?, ?, ?)",
                          (config.name, key, layer, time.monotonic() - started))

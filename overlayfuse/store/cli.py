@@ -10,9 +10,11 @@ import sys
 
 from ..backends.choose import BACKEND_NAMES
 from ..errors import OverlayfuseError
+from ..run import command_status
 from ..sandbox import Bind, CommandError
+from .api import LayerStore
+from .config import unmount_recorded
 from .disk import human
-from .store import LayerStore
 
 STORE_COMMANDS = ("init", "mount", "umount", "run", "shell", "snapshot", "rollback", "snapshots",
                   "remove-snapshot", "clean", "scrub", "gc", "info", "configs")
@@ -113,12 +115,12 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
     store = LayerStore(args.base)
     try:
-        return build(store.config(args.config), args.stepfile, from_dir=args.from_dir,
-                     from_config=args.from_config, tag=args.tag, no_cache=args.no_cache,
-                     backend=args.backend, binds=_binds(args.bind), network=args.network)
+        return store.config(args.config).build(
+            args.stepfile, from_dir=args.from_dir, from_config=args.from_config, tag=args.tag,
+            no_cache=args.no_cache, backend=args.backend, binds=_binds(args.bind),
+            network=args.network)
     except CommandError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return e.status
@@ -149,15 +151,12 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:
-    from ..run import command_status
-
     def call(argv: list[str]) -> int:
         return store.config(args.config).run(argv, **_run_kwargs(args))  # type: ignore[arg-type]
     return command_status(args.command, "overlayfuse store run [...] -- CMD [ARGS]", call)
 
 
 def _cmd_shell(store: LayerStore, args: argparse.Namespace) -> int:
-    from ..run import command_status
     return command_status(["shell"], "overlayfuse store shell",
                           lambda _: store.config(args.config).shell(**_run_kwargs(args)))
 
@@ -177,7 +176,6 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
                                       else ""))
         return 1 if r["missing"] else 0
     if cmd == "umount":
-        from .config import unmount_recorded
         unmount_recorded(store, args.mountpoint)
         return 0
     config = store.config(args.config)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from ..backends import Mount
 from ..backends.choose import choose
+from ..backends.kernel import umount_retrying
 from ..errors import OverlayfuseError
 from ..probe import signals_unwind, unmount_fuse
 from ..sandbox import Bind, CommandError, plan_ids, run_as_mapped_root
@@ -24,7 +25,7 @@ from ..sysmount.fsinfo import is_mountpoint
 from ..validate import validate_mountpoint
 from . import catalog as cat
 from .copytree import copy_tree
-from .disk import TmpEntry, make_layer_root, tree_size
+from .disk import TmpEntry, as_owner, make_layer_root, tree_size
 from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, root_shell, run_rooted, shell_error, tree_cwd
@@ -35,7 +36,8 @@ POSTINIT = "postinit"
 
 
 class Config:
-    """``LayerStore(base).config(name)``: snapshots, rollbacks, mounts and runs of one config."""
+    """``LayerStore(base).config(name)``: snapshots, rollbacks, mounts and runs of one config
+    (``api.Config`` adds ``build`` on top)."""
 
     def __init__(self, store: LayerStore, name: str) -> None:
         self.store = store
@@ -108,7 +110,10 @@ class Config:
                 self._refuse_existing(conn)
                 cat.add_layer(conn, layer, None)
                 self._create_rows(conn, origin, layer)
-                os.rename(layer_dir, store.layout.layer(layer))
+                # a tree whose root a subordinate ID owns, or that denies its owner writes,
+                # moves to another parent only as its owner in the user's namespace
+                dest = store.layout.layer(layer)
+                as_owner(lambda: os.rename(layer_dir, dest))
         return notes
 
     def _refuse_existing(self, conn: sqlite3.Connection) -> None:
@@ -324,11 +329,6 @@ class Config:
         except CommandError as e:
             raise shell_error(e, shell) from None
 
-    def build(self, stepfile: str, **kwargs: object) -> int:
-        """``overlayfuse build`` on this config (``overlayfuse.store.build.build``)."""
-        from .build import build
-        return build(self, stepfile, **kwargs)  # type: ignore[arg-type]
-
 
 def _import_tar(path: str, layer_dir: str, owner: tuple[int, int],
                 progress: Progress) -> list[str]:
@@ -365,7 +365,6 @@ class Snapshot:
 
 def unmount_recorded(store: LayerStore, mountpoint: str) -> None:
     """``store umount``: take down a mount this store recorded, by its backend."""
-    from ..backends.kernel import umount_retrying
     mnt = os.path.realpath(mountpoint)
     conn = store.db()
     live = [r for r in store.mount_rows(conn) if r.mountpoint == mnt]

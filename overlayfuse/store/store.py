@@ -64,7 +64,8 @@ class MountRow:
 
 
 class LayerStore:
-    """A base directory of layers shared by named configs (``LayerStore(base).config(name)``)."""
+    """A base directory of layers shared by named configs: the catalog-level store (opening,
+    who uses a layer, reap and gc).  ``api.LayerStore`` adds ``config(name)`` on top."""
 
     def __init__(self, base: str | None = None) -> None:
         self.base = os.path.realpath(base or default_base())
@@ -144,10 +145,6 @@ class LayerStore:
     def options(self) -> tuple[tuple[str, str | None], ...]:
         """Overlay options every spec of this store carries (``userxattr`` for a user's)."""
         return (("userxattr", None),) if self.namespace == "user" else ()
-
-    def config(self, name: str) -> "Config":
-        from .config import Config
-        return Config(self, check_name(name, "config"))
 
     def configs(self) -> list[dict[str, object]]:
         """Each config: name, its current snapshot names, the bytes its layers take."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import OverlayfuseError
 from ..spec import OverlaySpec
 from . import catalog as cat
-from .disk import TmpEntry, make_layer_root
+from .disk import TmpEntry, as_owner, make_layer_root
 from .locks import LayerLocks, lock_all
 from .store import LayerStore
 
@@ -105,7 +105,9 @@ def take(store: LayerStore, config: str, *, mode: str, row: str | None = None,
                     make_layer_root(work_dir, None, owner)
                     cat.add_layer(conn, upper, current)
                     cat.set_ref(conn, config, cat.UPPER, upper)
-                    os.rename(layer_dir, layout.layer(upper))
+                    # its root keeps the current root's mode, which may deny its owner writes
+                    dest = layout.layer(upper)
+                    as_owner(lambda: os.rename(layer_dir, dest))
                     os.rename(work_dir, layout.work(upper))
                 elif not os.path.isdir(layout.work(upper)):
                     make_layer_root(layout.work(upper), None, owner)
