@@ -112,8 +112,27 @@ def make_layer_root(path: str, like: str | None, owner: tuple[int, int] | None) 
         uid_gid = (st.st_uid, st.st_gid)
     else:
         uid_gid = owner  # type: ignore[assignment]
-    if uid_gid is not None and os.geteuid() == 0:
+    if uid_gid is None:
+        return
+    if os.geteuid() == 0:
         os.chown(path, *uid_gid)
+    elif like is not None and uid_gid != (os.geteuid(), os.getegid()):
+        _take_owner_as_mapped_root(path, like)
+
+
+def _take_owner_as_mapped_root(path: str, like: str) -> None:
+    """A normal user's layer root owned by a subordinate ID (a run did ``chown 1000 /``): only
+    root of the user's namespace can give the fresh root the same owner; there ``like``'s
+    owner reads as the ID the runs see."""
+    def copy_owner() -> None:
+        st = os.lstat(like)
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # chown may have dropped setgid
+
+    try:
+        run_as_mapped_root(copy_owner)
+    except OverlayfuseError as e:
+        log.warning("the new layer root %s keeps your own owner, not %s's: %s", path, like, e)
 
 
 def chown_tree_top(paths: list[str], owner: tuple[int, int] | None) -> None:
