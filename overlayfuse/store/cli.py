@@ -42,6 +42,9 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                                                       "unless --writable)")
     c.add_argument("--cwd", metavar="DIR", help="working directory in the tree (default /)")
     _sandbox_options(c)
+    c.add_argument("--overlay", action="append", default=[], metavar="SRC:DST",
+                   help="show the host dir SRC writable at DST, its changes thrown away "
+                        "(repeatable)")
     c.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
     c.add_argument("--map-root", action="store_true",
                    help="map one ID only (root inside is the calling user), not the "
@@ -147,7 +150,7 @@ def _binds(texts: list[str]) -> tuple[Bind, ...]:
 def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return dict(writable=args.writable, snapshot=args.snapshot, backend=args.backend,
                 cwd=args.cwd, binds=_binds(args.bind), network=args.network,
-                verbose=args.verbose, map_root=args.map_root)
+                verbose=args.verbose, map_root=args.map_root, overlays=args.overlay)
 
 
 def _cmd_run(store: LayerStore, args: argparse.Namespace) -> int:

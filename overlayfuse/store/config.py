@@ -28,7 +28,7 @@ from .copytree import copy_tree
 from .disk import TmpEntry, as_owner, make_layer_root, tree_size
 from .progress import Progress
 from .tarimport import import_tar
-from .rooted import Network, root_shell, run_rooted, shell_error, tree_cwd
+from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
 from .store import LayerStore, check_name
 from .use import take
 
@@ -290,24 +290,31 @@ class Config:
     def run(self, argv: Sequence[str], *, writable: bool = False, snapshot: str | None = None,
             backend: str = "auto", cwd: str | None = None, env: dict[str, str] | None = None,
             binds: Sequence[Bind | str] = (), network: Network = "host",
-            map_root: bool = False, verbose: bool = False) -> int:
+            map_root: bool = False, verbose: bool = False,
+            overlays: Sequence[OverlayVolume | str] = ()) -> int:
         """Run ``argv`` with the current state as ``/`` (cwd ``/`` or ``cwd``): its changes
         stay in the config's upper, or vanish afterwards with ``writable`` (a throwaway upper;
         several may run at once).  A ``snapshot`` is shown read-only unless ``writable``.
-        ``binds`` are host paths shown inside (``Bind`` or ``SRC[:DST[:ro]]``).  ``env`` None
-        is a clean environment.  A normal user is root inside, with the subordinate ranges
-        for the other IDs; ``map_root`` maps one ID only (root inside is the user)."""
+        ``binds`` are host paths shown inside (``Bind`` or ``SRC[:DST[:ro]]``); ``overlays``
+        host dirs shown writable, their changes thrown away (``OverlayVolume`` or
+        ``SRC:DST``).  ``env`` None is a clean environment.  A normal user is root inside,
+        with the subordinate ranges for the other IDs; ``map_root`` maps one ID only (root
+        inside is the user)."""
         keep = snapshot is None and not writable
         binds = [b if isinstance(b, Bind) else Bind.parse(b) for b in binds]
         for bind in binds:  # before the layers are taken: bad input changes nothing
             bind.check()
+        overlays = [v if isinstance(v, OverlayVolume) else OverlayVolume.parse(v)
+                    for v in overlays]
+        for vol in overlays:
+            vol.check()
         check_tree_path(tree_cwd(cwd), f"working directory {cwd}")
         with signals_unwind():
             use = take(self.store, self.name, mode="upper" if keep else "throwaway",
                        snapshot=snapshot, row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
             try:
                 return run_rooted(self.store, use.spec, argv, backend=backend,
-                                  binds=binds,
+                                  binds=binds, overlays=overlays,
                                   network=network, cwd=cwd, env=env,
                                   readonly=snapshot is not None and not writable,
                                   keep_upper=keep, verbose=verbose, map_root=map_root)

@@ -11,9 +11,14 @@ or with ``map_root``); the layers then hold files those IDs own, which the store
 removes in the same map.  Root on a normal user's store runs in that user's map too: what it
 writes stays the user's to remove.
 
-The sandbox makes the mount points a tree lacks (``/proc``, ``/dev``, ``/sys``, ``--bind``
-targets); made here first, they are taken out of a kept upper again afterwards, so a data-only
-tree's layers do not fill up with empty mount points.
+``--overlay SRC:DST`` (vagga's Snapshot volume, podman's ``:O``) shows the host dir SRC
+writable at DST: an overlay of its own, SRC its only lower, mounted on the tree by the same
+backend as the tree, its upper and work dir in a ``TmpEntry`` of the store's ``tmp/`` (removed
+after the run, by ``gc`` after a killed one), so SRC stays as it was.
+
+The sandbox makes the mount points a tree lacks (``/proc``, ``/dev``, ``/sys``, ``--bind`` and
+``--overlay`` targets); made here first, they are taken out of a kept upper again afterwards,
+so a data-only tree's layers do not fill up with empty mount points.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import replace
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 from ..backends.choose import choose
@@ -33,11 +39,11 @@ from ..sandbox.idmaps import IdMode
 from ..sandbox import run as sandbox_run
 from ..sandbox.launch import DEFAULT_PATH
 from ..sandbox.process import SETUP_FAILED
-from ..sandbox.rootfs import resolve_in
+from ..sandbox.rootfs import check_tree_path, resolve_in
 from ..spec import OverlaySpec
 from ..sysmount.syscalls import (CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_RDONLY, MS_REC,
                                  MS_REMOUNT, mount, unshare)
-from .disk import TmpEntry
+from .disk import TmpEntry, make_layer_root
 from .store import LayerStore
 
 log = logging.getLogger(__name__)
@@ -47,22 +53,51 @@ MS_SHARED = 1 << 20
 Network = Literal["host", "none"]
 
 
+@dataclass(frozen=True)
+class OverlayVolume:
+    """The host dir ``source`` shown writable at ``target`` in the tree, its changes thrown
+    away after the run (``--overlay SRC:DST``)."""
+
+    source: str
+    target: str
+
+    @classmethod
+    def parse(cls, text: str) -> "OverlayVolume":
+        """``SRC:DST``, the form of ``--overlay`` (DST is required: no default place)."""
+        src, sep, dst = text.partition(":")
+        if not src or not sep or not dst or ":" in dst:
+            raise OverlayfuseError(f"--overlay {text}: expected SRC:DST")
+        return cls(os.path.abspath(src), dst)
+
+    def check(self) -> None:
+        """OverlayfuseError unless the source is a directory and the target a tree path."""
+        if not os.path.isdir(self.source):
+            what = "not a directory" if os.path.exists(self.source) else \
+                "no such file or directory"
+            raise OverlayfuseError(f"--overlay {self.source}: {what}")
+        check_tree_path(self.target, f"--overlay target {self.target}")
+
+
 def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host",
                cwd: str | None = None, env: dict[str, str] | None = None,
                readonly: bool = False, keep_upper: bool = False, verbose: bool = False,
-               map_root: bool = False) -> int:
+               map_root: bool = False, overlays: Sequence[OverlayVolume] = ()) -> int:
     """Run ``argv`` with the merged tree of ``spec`` (which has an upper) as ``/``.
 
     ``readonly`` shows the tree read-only; ``keep_upper`` says the upper outlives the run
     (the mount points made for it are taken out again).  ``map_root`` maps one ID only (root
-    inside is the user) even when the user has subordinate ranges.  The command's exit status;
+    inside is the user) even when the user has subordinate ranges.  ``overlays`` are host dirs
+    shown writable with a throwaway upper.  The command's exit status;
     OverlayfuseError for a set-up failure, CommandError (126/127) when it cannot start.
     """
     assert spec.upperdir is not None and spec.workdir is not None
     binds = tuple(binds)
     for bind in binds:
         bind.check()
+    overlays = tuple(overlays)
+    for vol in overlays:
+        vol.check()
     sandbox_cwd = tree_cwd(cwd)
     chosen, why = choose(spec, "run", backend)
     idmap: IdMode = "single" if map_root else "auto"
@@ -73,16 +108,23 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
     if verbose:
         print(f"overlayfuse: {why}", file=sys.stderr)
         print(f"overlayfuse: {plan.note}", file=sys.stderr)
-    points = mount_points(binds)
+    points = mount_points([*(b.target for b in binds), *(v.target for v in overlays)])
     made = absent_from(spec, points) if keep_upper else []
-    with TmpEntry(store.layout, "root-" + os.urandom(6).hex()) as mnt:
+    with ExitStack() as stack:
+        mnt = stack.enter_context(TmpEntry(store.layout, "root-" + os.urandom(6).hex()))
+        vol_specs = volume_specs(stack, store, overlays)
+
+        def mount_tree(tree_spec: OverlaySpec, target: str) -> None:
+            if chosen.name == "fuse":
+                mount_fuse_inside(tree_spec, target, userxattr=userxattr)
+            else:
+                mount_or_explain(tree_spec, target, userxattr=userxattr, who=who)
 
         def prepare() -> None:
-            if chosen.name == "fuse":
-                mount_fuse_inside(spec, mnt.path, userxattr=userxattr)
-            else:
-                mount_or_explain(spec, mnt.path, userxattr=userxattr, who=who)
-            make_mount_points(mnt.path, binds)
+            mount_tree(spec, mnt.path)
+            make_mount_points(mnt.path, binds, [v.target for v in overlays])
+            for vol, vol_spec in zip(overlays, vol_specs):
+                mount_tree(vol_spec, resolve_in(mnt.path, vol.target))
             if readonly:
                 mount(mnt.path, mnt.path, None, MS_BIND | MS_REC)
                 mount(None, mnt.path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
@@ -110,8 +152,9 @@ def mount_fuse_inside(spec: OverlaySpec, target: str, *, userxattr: bool) -> Non
     place whole.
     """
     # the daemon refuses a mount point that is one already: its parent is the shared one
+    # (bound with what is mounted below it: an --overlay volume mounted before stays)
     parent = os.path.dirname(os.path.abspath(target))
-    mount(parent, parent, None, MS_BIND)
+    mount(parent, parent, None, MS_BIND | MS_REC)
     mount(None, parent, None, MS_SHARED)
     if userxattr and not spec.userxattr:
         spec = replace(spec, options=spec.options + (("userxattr", None),))
@@ -159,16 +202,35 @@ def command_env(env: dict[str, str] | None) -> dict[str, str] | None:
     return {**base, **env}
 
 
-def mount_points(binds: Sequence[Bind]) -> list[str]:
+def mount_points(targets: Sequence[str]) -> list[str]:
     """The tree paths a run mounts on (and their parents), relative, parents first."""
     out = list(MOUNT_POINTS)
-    for bind in binds:
-        parts = [p for p in bind.target.split("/") if p]
+    for target in targets:
+        parts = [p for p in target.split("/") if p]
         for n in range(1, len(parts) + 1):
             rel = "/".join(parts[:n])
             if rel not in out:
                 out.append(rel)
     return out
+
+
+def volume_specs(stack: ExitStack, store: LayerStore,
+                 overlays: Sequence[OverlayVolume]) -> list[OverlaySpec]:
+    """An overlay spec per ``--overlay``: SRC the lower, a fresh upper (its root like SRC's)
+    and work dir in one ``TmpEntry`` that ``stack`` removes after the run."""
+    if not overlays:
+        return []
+    entry = stack.enter_context(TmpEntry(store.layout, "vol-" + os.urandom(6).hex()))
+    st = os.stat(entry.path)
+    specs = []
+    for n, vol in enumerate(overlays):
+        upper, work = (os.path.join(entry.path, f"{n}.{k}") for k in ("upper", "work"))
+        make_layer_root(upper, vol.source, None)
+        os.mkdir(work, 0o700)
+        if os.geteuid() == 0:  # root on a user's store: the entry is the user's
+            os.chown(work, st.st_uid, st.st_gid)
+        specs.append(OverlaySpec(lowerdirs=(vol.source,), upperdir=upper, workdir=work))
+    return specs
 
 
 def absent_from(spec: OverlaySpec, paths: Sequence[str]) -> list[str]:
@@ -177,8 +239,9 @@ def absent_from(spec: OverlaySpec, paths: Sequence[str]) -> list[str]:
     return [p for p in paths if not any(os.path.lexists(os.path.join(d, p)) for d in layers)]
 
 
-def make_mount_points(root: str, binds: Sequence[Bind]) -> None:
-    """What the sandbox would make, made before a read-only remount (as it makes them)."""
+def make_mount_points(root: str, binds: Sequence[Bind], dirs: Sequence[str] = ()) -> None:
+    """What the sandbox would make, made before a read-only remount (as it makes them), and
+    the ``dirs`` the ``--overlay`` volumes are mounted on."""
     for name in MOUNT_POINTS:
         host = resolve_in(root, "/" + name)
         if not os.path.lexists(host):
@@ -192,6 +255,8 @@ def make_mount_points(root: str, binds: Sequence[Bind]) -> None:
             os.mkdir(host, 0o755)
         else:
             os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    for target in dirs:
+        os.makedirs(resolve_in(root, target), 0o755, exist_ok=True)
 
 
 def drop_made(upper: str, made: Sequence[str]) -> None:
