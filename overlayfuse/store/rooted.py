@@ -43,7 +43,7 @@ from ..sandbox.rootfs import check_tree_path, resolve_in
 from ..spec import OverlaySpec
 from ..sysmount.syscalls import (CLONE_NEWNS, MS_BIND, MS_PRIVATE, MS_RDONLY, MS_REC,
                                  MS_REMOUNT, mount, unshare)
-from .disk import TmpEntry, make_layer_root
+from .disk import TmpEntry, as_owner, make_layer_root
 from .store import LayerStore
 
 log = logging.getLogger(__name__)
@@ -261,21 +261,27 @@ def make_mount_points(root: str, binds: Sequence[Bind], dirs: Sequence[str] = ()
 
 def drop_made(upper: str, made: Sequence[str]) -> None:
     """Take the mount points made for a run out of its kept upper: only what is still an empty
-    dir or an empty file there (deepest first), so nothing the command wrote goes."""
+    dir or an empty file there (deepest first), so nothing the command wrote goes.  As root of
+    the user's namespace where the run gave the tree's root to a subordinate ID."""
     for rel in sorted(made, key=lambda p: p.count("/"), reverse=True):
         path = os.path.join(upper, rel)
         try:
-            st = os.lstat(path)
-            if os.path.isdir(path) and not os.path.islink(path):
-                if not os.listdir(path):
-                    os.rmdir(path)
-            elif os.path.isfile(path) and not os.path.islink(path) and st.st_size == 0 \
-                    and not os.listxattr(path, follow_symlinks=False):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+            as_owner(lambda: _drop_if_untouched(path))
         except OSError as e:
             log.warning("cannot take the mount point %s out of the layer: %s", path, e)
+
+
+def _drop_if_untouched(path: str) -> None:
+    try:
+        st = os.lstat(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            if not os.listdir(path):
+                os.rmdir(path)
+        elif os.path.isfile(path) and not os.path.islink(path) and st.st_size == 0 \
+                and not os.listxattr(path, follow_symlinks=False):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def root_shell(spec: OverlaySpec) -> str:
