@@ -10,14 +10,18 @@ that can be compared between two mounts whose raw inode numbers and timestamps d
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import random
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Sequence, TypeVar
 
+from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 
 # Every entry of the lower template gets this mtime, so a copy-up that loses times shows up.
@@ -68,6 +72,43 @@ def sut_mount(lowers: Sequence[Path], upper: Path | None, work: Path | None, mnt
     if SUT == "kernel":
         return mounts.kernel_overlay(lowers, upper, work, mnt)
     raise ValueError(f"OVF_DIFF_SUT={SUT!r}: expected overlayfuse, fuse-overlayfs or kernel")
+
+
+# --------------------------------------------------------------------------- random runs
+
+# The randomised runs (marked slow) draw a new seed for each session unless OVF_RANDOM_SEED
+# gives one: the derandomized runs replay the same examples forever, these look further.
+RANDOM_SEED = int(os.environ.get("OVF_RANDOM_SEED") or random.SystemRandom().getrandbits(32))
+_T = TypeVar("_T", bound=Callable[..., Any])
+
+
+def random_run(budget_var: str, default: int, *health: HealthCheck) -> Callable[[_T], _T]:
+    """Settings and seed for a randomised hypothesis run of ``budget_var`` examples (CI sets
+    more than the default).  No example database: a fresh clone has none, and a stale one must
+    not turn a random run into a replay."""
+    budget = int(os.environ.get(budget_var, str(default)))
+    run_settings = settings(
+        max_examples=budget, deadline=None, derandomize=False, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, *health],
+        report_multiple_bugs=False, print_blob=True,
+    )
+
+    def decorate(test: _T) -> _T:
+        return run_settings(seed(RANDOM_SEED)(test))
+
+    return decorate
+
+
+@contextlib.contextmanager
+def seed_note(budget_var: str) -> Iterator[None]:
+    """On failure, say how to run the same random examples again."""
+    try:
+        yield
+    except BaseException as e:
+        budget = os.environ.get(budget_var, "its default")
+        e.add_note(f"random run: OVF_RANDOM_SEED={RANDOM_SEED} with {budget_var}={budget} "
+                   "draws the same examples again")
+        raise
 
 
 # --------------------------------------------------------------------------- lower template
@@ -194,62 +235,82 @@ _data = st.sampled_from(DATA)
 
 
 def _op(kind: str, *args: st.SearchStrategy[Any]) -> st.SearchStrategy[Op]:
-    strategy = st.tuples(*args).map(lambda a: Op(kind, a))
-    _KINDS[id(strategy)] = kind
-    return strategy
+    return st.tuples(*args).map(lambda a: Op(kind, a))
 
 
-_KINDS: dict[int, str] = {}
+def _operations(path: st.SearchStrategy[str], dirpath: st.SearchStrategy[str]
+                ) -> st.SearchStrategy[Op]:
+    """Every operation kind (less those OVF_DIFF_IGNORE leaves out), on paths from ``path``
+    and directory paths from ``dirpath``."""
+    anypath = st.one_of(path, dirpath)
+    kinds: dict[str, tuple[st.SearchStrategy[Any], ...]] = {
+        "read": (path,),
+        "write": (path, st.sampled_from(OFFSETS), _data),
+        "append": (path, _data),
+        "open_trunc": (path,),
+        "create_excl": (path, _data),
+        "create": (path, _data),
+        "truncate": (path, st.sampled_from((0, 3, 9000))),
+        "mkdir": (anypath, st.sampled_from((0o755, 0o700))),
+        "rmdir": (anypath,),
+        "unlink": (path,),
+        "rename": (anypath, anypath, st.sampled_from((0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE))),
+        "link": (path, path),
+        "symlink": (st.sampled_from(TARGETS), path),
+        "readlink": (path,),
+        "mkfifo": (path,),
+        "chmod": (path, st.sampled_from(MODES)),
+        "chown": (path, st.sampled_from(OWNERS), st.booleans()),
+        "utime": (path, st.sampled_from((None, *UTIME_NS))),
+        # XATTR_CREATE/REPLACE: pyfuse3 answers a failing flag check itself, before the daemon
+        # sees the call, so the kernel's copy-up ahead of that failure (visible only as a
+        # parent's link count turning merged) cannot be matched; the flags' results are
+        # compared in test_semantics.py::test_user_xattrs instead.
+        "setxattr": (path, st.sampled_from(XATTR_SET), st.sampled_from(XATTR_VALUES),
+                     st.just(0)),
+        "getxattr": (path, st.sampled_from(XATTR_GET)),
+        "listxattr": (path,),
+        "removexattr": (path, st.sampled_from(XATTR_SET)),
+        "listdir": (st.one_of(dirpath, path),),
+        "stat": (path, st.booleans()),
+        "fd_open": (st.sampled_from(SLOTS), path, st.sampled_from(FD_MODES)),
+        "fd_read": (st.sampled_from(SLOTS),),
+        "fd_write": (st.sampled_from(SLOTS), st.sampled_from((0, 3)), _data),
+        "fd_fstat": (st.sampled_from(SLOTS),),
+        "fd_close": (st.sampled_from(SLOTS),),
+    }
+    return st.one_of([_op(k, *args) for k, args in kinds.items() if f"op={k}" not in IGNORE])
 
 
-def _kind_of(strategy: st.SearchStrategy[Op]) -> str:
-    return _KINDS[id(strategy)]
-
-
-_ALL_OPERATIONS = [
-    _op("read", _path),
-    _op("write", _path, st.sampled_from(OFFSETS), _data),
-    _op("append", _path, _data),
-    _op("open_trunc", _path),
-    _op("create_excl", _path, _data),
-    _op("create", _path, _data),
-    _op("truncate", _path, st.sampled_from((0, 3, 9000))),
-    _op("mkdir", st.one_of(_path, _dirpath), st.sampled_from((0o755, 0o700))),
-    _op("rmdir", st.one_of(_path, _dirpath)),
-    _op("unlink", _path),
-    _op("rename", st.one_of(_path, _dirpath), st.one_of(_path, _dirpath),
-        st.sampled_from((0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE))),
-    _op("link", _path, _path),
-    _op("symlink", st.sampled_from(TARGETS), _path),
-    _op("readlink", _path),
-    _op("mkfifo", _path),
-    _op("chmod", _path, st.sampled_from(MODES)),
-    _op("chown", _path, st.sampled_from(OWNERS), st.booleans()),
-    _op("utime", _path, st.sampled_from((None, *UTIME_NS))),
-    # XATTR_CREATE/REPLACE: pyfuse3 answers a failing flag check itself, before the daemon
-    # sees the call, so the kernel's copy-up ahead of that failure (visible only as a parent's
-    # link count turning merged) cannot be matched; the flags' results are compared in
-    # test_semantics.py::test_user_xattrs instead.
-    _op("setxattr", _path, st.sampled_from(XATTR_SET), st.sampled_from(XATTR_VALUES),
-        st.just(0)),
-    _op("getxattr", _path, st.sampled_from(XATTR_GET)),
-    _op("listxattr", _path),
-    _op("removexattr", _path, st.sampled_from(XATTR_SET)),
-    _op("listdir", st.one_of(_dirpath, _path)),
-    _op("stat", _path, st.booleans()),
-    _op("fd_open", st.sampled_from(SLOTS), _path, st.sampled_from(FD_MODES)),
-    _op("fd_read", st.sampled_from(SLOTS)),
-    _op("fd_write", st.sampled_from(SLOTS), st.sampled_from((0, 3)), _data),
-    _op("fd_fstat", st.sampled_from(SLOTS)),
-    _op("fd_close", st.sampled_from(SLOTS)),
-]
-OPERATIONS: st.SearchStrategy[Op] = st.one_of(
-    [s for s in _ALL_OPERATIONS if f"op={_kind_of(s)}" not in IGNORE])
+OPERATIONS: st.SearchStrategy[Op] = _operations(_path, _dirpath)
 
 
 def op_sequences(max_size: int = 25) -> st.SearchStrategy[list[Op]]:
     """Sequences of operations; short enough that a mismatch shrinks to a readable reproducer."""
     return st.lists(OPERATIONS, min_size=1, max_size=max_size)
+
+
+@st.composite
+def random_sequences(draw: st.DrawFn) -> list[Op]:
+    """Longer sequences, most of whose operations meet on a few paths: what the randomised
+    runs draw.
+
+    Hypothesis's lists average about six elements, and with 38 paths two operations of such a
+    sequence seldom touch the same one, where bugs live (change a lower file, then remove it:
+    three runs of 100 plain examples missed a whiteout left out on such an unlink).  Here a
+    sequence picks up to three paths (or none: then all paths are alike), three in four of its
+    paths come from those, and it is a few runs of operations one after the other (a list of
+    lists: about 20 operations, and a failure still shrinks by dropping runs or operations).
+    """
+    chosen = draw(st.lists(st.sampled_from(PATHS + DIRISH), max_size=3, unique=True))
+    path, dirpath = _path, _dirpath
+    if chosen:
+        focus = st.sampled_from(chosen)
+        path = st.tuples(st.integers(0, 3), focus, _path).map(lambda t: t[2] if t[0] == 3 else t[1])
+        dirpath = st.one_of(focus, _dirpath)
+    runs = draw(st.lists(st.lists(_operations(path, dirpath), min_size=1, max_size=12),
+                         min_size=1, max_size=8))
+    return [op for run in runs for op in run]
 
 
 # --------------------------------------------------------------------------- applying

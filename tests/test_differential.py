@@ -5,15 +5,24 @@ kernel overlay (redirect_dir=on,index=on) and on the system under test, both ove
 read-only lower layers. Every outcome and the final merged trees must agree, no overlay marker
 may show through either mount, and the lowers must stay untouched. Then the upper written by
 the system under test is remounted by itself (same tree, same inode numbers). Last, the uppers
-change hands with fresh work dirs: the kernel mounts the upper the system under test wrote, and
-the system under test mounts the kernel's upper; both must show what the kernel shows for its
-own upper remounted with a fresh work dir (without its index, the kernel itself forgets which
-lower hard links were copied up, so that, not the first tree, is the fair reference).
+change hands, each with its own work dir (where the hard-link index lives, in the kernel's
+format on both sides), as DESIGN.md section 3 promises: the kernel mounts the upper the system
+under test wrote, and the system under test mounts the kernel's upper; both must show what the
+kernel shows for its own upper remounted.
+
+With a fresh work dir instead, the kernel itself forgets which lower hard links were copied up,
+so only its own remount with a fresh work dir is a fair reference; overlayfuse does not match it
+yet (two known bugs, kept as strict xfail tests below), so the generated runs hand over with the
+work dir only.
+
+test_random_sequences replays the same examples every run (derandomized; OVF_DIFF_EXAMPLES,
+default 30); test_random_sequences_new_seed (slow) draws new ones each session, longer ones
+too (ops.random_sequences), OVERLAYFUSE_DIFF_RANDOM_EXAMPLES of them (default 4, .ci/run sets
+more); OVF_RANDOM_SEED repeats a session's draw.
 
 The system under test is `overlayfuse` (committed default); OVF_DIFF_SUT=fuse-overlayfs or
 OVF_DIFF_SUT=kernel runs the same harness against fuse-overlayfs or the kernel itself, which is
-how the harness proves itself. OVF_DIFF_EXAMPLES sets the number of examples (default 30) and
-OVF_DIFF_RANDOM=1 turns off the fixed seed used for CI.
+how the harness proves itself.
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from mounts import MountError, kernel_overlay
 from ops import (
-    SUT, sut_mount, Ctx, Op, Snapshot, apply, build_lowers, diff_snapshots, op_sequences, overlay_markers,
-    raw_tree, snapshot_tree, RENAME_EXCHANGE, RENAME_NOREPLACE, OUTSIDE, USER_PRIVATE, UTIME_NS,
+    SUT, sut_mount, Ctx, Op, Snapshot, apply, build_lowers, diff_snapshots, op_sequences,
+    overlay_markers, random_run, random_sequences, raw_tree, seed_note, snapshot_tree,
+    RENAME_EXCHANGE, RENAME_NOREPLACE, OUTSIDE, USER_PRIVATE, UTIME_NS,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlay mounts need root")
@@ -41,7 +51,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlay mounts
 DIFF_SETTINGS = settings(
     max_examples=int(os.environ.get("OVF_DIFF_EXAMPLES", "30")),
     deadline=None,
-    derandomize=os.environ.get("OVF_DIFF_RANDOM") != "1",
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     report_multiple_bugs=False,
     print_blob=True,
@@ -143,8 +153,9 @@ def assert_no_markers(snap: Snapshot, what: str, ops: Sequence[Op]) -> None:
     assert not bad, f"{what}: overlay markers visible\nops:\n{_fmt(ops)}\n" + "\n".join(bad)
 
 
-def check_sequence(ops: Sequence[Op], t: Template) -> None:
-    """The whole differential check for one sequence (see the module docstring)."""
+def check_sequence(ops: Sequence[Op], t: Template, fresh_work: bool = False) -> None:
+    """The whole differential check for one sequence (see the module docstring); with
+    ``fresh_work`` the hand-over with fresh work dirs as well."""
     with run_dir(t) as base:
         k, s = Side.make(base / "k"), Side.make(base / "s")
         with kernel_overlay(t.lowers, k.upper, k.work, k.mnt), sut_mount(t.lowers, s.upper, s.work, s.mnt):
@@ -169,23 +180,49 @@ def check_sequence(ops: Sequence[Op], t: Template) -> None:
                  if again.raw_ino.get(p, ssnap.raw_ino[p]) != ssnap.raw_ino[p]}
         assert not moved, f"inode numbers changed over a remount: {moved}\nops:\n{_fmt(ops)}"
 
-        # Cross-mounting hands over the upper together with its work dir, as a layer is used:
-        # the work dir holds the hard-link index (in the kernel's format on both sides), without
-        # which hard links copied up under only some of their names read differently. The
-        # reference is the kernel's own upper and work dir remounted by the kernel.
-        with kernel_remount(t.lowers, k.upper, k.work, _mnt(base, "kref")):
-            kref = snapshot_tree(base / "kref.mnt")
+        # The hand-overs: each backend mounts the upper the other wrote.
+        check_handover(ops, t, base, k, s, fresh_work=False)
+        if fresh_work:
+            check_handover(ops, t, base, k, s, fresh_work=True)
+        changed = t.changed()
+        if changed:
+            t.rebuild()
+        assert not changed, f"a cross-mount changed a lower layer: {changed}\nops:\n{_fmt(ops)}"
 
-        # The upper written by the system under test, read by the kernel.
-        with kernel_overlay(t.lowers, s.upper, s.work, _mnt(base, "kx")):
-            by_kernel = snapshot_tree(base / "kx.mnt")
-        assert_same_tree(kref, by_kernel, f"{SUT}-written upper mounted by the kernel", ops)
 
-        # The kernel's upper, read by the system under test.
-        with sut_mount(t.lowers, k.upper, k.work, _mnt(base, "sx")):
-            by_sut = snapshot_tree(base / "sx.mnt")
-        assert_no_markers(by_sut, f"kernel-written upper mounted by {SUT}", ops)
-        assert_same_tree(kref, by_sut, f"kernel-written upper mounted by {SUT}", ops)
+def check_handover(ops: Sequence[Op], t: Template, base: Path, k: Side, s: Side,
+                   fresh_work: bool) -> None:
+    """The kernel mounts the upper the system under test wrote, and the other way round; both
+    must show what the kernel shows for its own upper mounted the same way.
+
+    With ``fresh_work`` every mount gets a new empty work dir: without the hard-link index the
+    kernel itself forgets which lower hard links were copied up, so its own remount, not the
+    tree of the first mounts, is the reference.  Otherwise each upper keeps its work dir (where
+    the index lives, in the kernel's format on both sides), as a layer is used.
+    """
+    how = "with a fresh work dir" if fresh_work else "with its work dir"
+    tag = "f" if fresh_work else ""
+
+    def work(side: Side, name: str) -> Path:
+        return fresh(base, name)[0] if fresh_work else side.work
+
+    ref_work = work(k, f"kref{tag}")
+    with kernel_remount(t.lowers, k.upper, ref_work, _mnt(base, f"kref{tag}")):
+        kref = snapshot_tree(base / f"kref{tag}.mnt")
+
+    # The upper written by the system under test, read by the kernel.
+    kx_work = work(s, f"kx{tag}")
+    with kernel_remount(t.lowers, s.upper, kx_work, _mnt(base, f"kx{tag}")):
+        by_kernel = snapshot_tree(base / f"kx{tag}.mnt")
+    assert_same_tree(kref, by_kernel, f"{SUT}-written upper mounted by the kernel {how}", ops)
+
+    # The kernel's upper, read by the system under test.
+    sx_work = work(k, f"sx{tag}")
+    with sut_mount(t.lowers, k.upper, sx_work, _mnt(base, f"sx{tag}")):
+        by_sut = snapshot_tree(base / f"sx{tag}.mnt")
+    what = f"kernel-written upper mounted by {SUT} {how}"
+    assert_no_markers(by_sut, what, ops)
+    assert_same_tree(kref, by_sut, what, ops)
 
 
 def _mnt(base: Path, name: str) -> Path:
@@ -251,7 +288,48 @@ def test_fixed_sequence(template: Template) -> None:
     check_sequence(FIXED_SEQUENCE, template)
 
 
+# Hand-overs with fresh work dirs that overlayfuse gets wrong: strict, so that a fix shows up
+# (XPASS fails the run) and the hand-over can then join check_sequence for every sequence.
+KNOWN_FRESH_WORK_BUGS = SUT == "overlayfuse"
+
+
+@pytest.mark.xfail(KNOWN_FRESH_WORK_BUGS, strict=True, raises=AssertionError,
+                   reason="overlayfuse copies up a lower hard link under the name it first "
+                   "looked the inode up by, not the name written through")
+def test_fresh_work_dir_copy_up_is_under_the_name_written(template: Template) -> None:
+    """Written through its second name, a lower hard link is copied up (the kernel: linked
+    into the upper) under that name; without the index (a fresh work dir, index=off, a frozen
+    layer used as a lower) that name, not the other, shows the new data."""
+    check_sequence([Op("stat", ("hl1", False)), Op("append", ("hl2", b"A"))], template,
+                   fresh_work=True)
+
+
+@pytest.mark.xfail(KNOWN_FRESH_WORK_BUGS, strict=True, raises=AssertionError,
+                   reason="overlayfuse gives the upper copy of a hard-linked lower file its "
+                   "origin's inode number also where no index entry joins them")
+def test_fresh_work_dir_broken_hard_link_has_its_own_inode(template: Template) -> None:
+    """The kernel reports an upper copy of a hard-linked lower file with its origin's inode
+    number only when an index entry joins the names; without one (a fresh work dir) the copy
+    is another file than the names left below, with its own inode number and attributes."""
+    check_sequence([Op("chown", ("hl2", (0, 0), False))], template, fresh_work=True)
+
+
 @DIFF_SETTINGS
 @given(ops=op_sequences())
+# what the derandomized examples lacked: a lower file below the root copied up, then removed
+# (a daemon that left out that whiteout passed them; the randomised run found it)
+@example(ops=[Op("append", ("m/x", b"A")), Op("unlink", ("m/x",))])
 def test_random_sequences(template: Template, ops: list[Op]) -> None:
     check_sequence(ops, template)
+
+
+RANDOM_BUDGET = "OVERLAYFUSE_DIFF_RANDOM_EXAMPLES"
+
+
+@pytest.mark.slow
+@random_run(RANDOM_BUDGET, 4)
+@given(ops=random_sequences())
+def test_random_sequences_new_seed(template: Template, ops: list[Op]) -> None:
+    """The same check on sequences no earlier run drew (a new seed each session)."""
+    with seed_note(RANDOM_BUDGET):
+        check_sequence(ops, template)

@@ -6,6 +6,11 @@ record (``user.overlay.ovf.features``) says so, and ``auto`` then takes FUSE for
 The other way round, what the kernel wrote in a user namespace (its work dir left at mode 000)
 must mount through FUSE.  And as root, a user's layers (``user.overlay.*``) and layers FUSE
 wrote with an index mount through the kernel with the options that read them.
+
+The generated sequences run twice: the same examples every run (derandomized,
+OVF_USER_EXAMPLES, default 10 each) and, marked slow, new ones each session
+(OVERLAYFUSE_USER_RANDOM_EXAMPLES, default 3 each, .ci/run sets more; OVF_RANDOM_SEED repeats
+a session's draw).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mounts import diff_trees, kernel_overlay, overlayfuse_mount, tree_snapshot, wait_gone
+from ops import random_run, seed_note
 from unpriv import Unprivileged
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged runner needs root")
@@ -119,41 +125,73 @@ OPERATION = st.one_of(
 USER_SETTINGS = settings(
     max_examples=int(os.environ.get("OVF_USER_EXAMPLES", "10")),
     deadline=None,
-    derandomize=os.environ.get("OVF_DIFF_RANDOM") != "1",
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     report_multiple_bugs=False,
 )
+# the randomised runs (slow): a new seed each session, OVERLAYFUSE_USER_RANDOM_EXAMPLES each
+RANDOM_BUDGET = "OVERLAYFUSE_USER_RANDOM_EXAMPLES"
+RANDOM_RUN = random_run(RANDOM_BUDGET, 3, HealthCheck.function_scoped_fixture)
+OPERATIONS = st.lists(OPERATION, min_size=1, max_size=12)
 
 _examples = iter(range(10**6))
 
 
 @USER_SETTINGS
-@given(ops=st.lists(OPERATION, min_size=1, max_size=12))
+@given(ops=OPERATIONS)
 def test_fuse_written_layers_read_the_same_through_auto(unprivileged: Unprivileged,
                                                         ops: list[Any]) -> None:
-    """Written by FUSE as the user, read by ``run`` with ``auto``: the same tree, and where
-    the upper holds what kernel-userns cannot read, ``auto`` took FUSE."""
-    ly = UserLayers(unprivileged, unprivileged.home / f"f{next(_examples)}")
+    """Written by FUSE as the user, read by ``run`` with ``auto``: the same tree; where the
+    upper holds what kernel-userns cannot read, ``auto`` took FUSE, elsewhere the kernel."""
+    check_fuse_written(unprivileged, ops)
+
+
+@pytest.mark.slow
+@RANDOM_RUN
+@given(ops=OPERATIONS)
+def test_fuse_written_layers_random(unprivileged: Unprivileged, ops: list[Any]) -> None:
+    """The same on sequences no earlier run drew."""
+    with seed_note(RANDOM_BUDGET):
+        check_fuse_written(unprivileged, ops)
+
+
+def check_fuse_written(u: Unprivileged, ops: list[Any]) -> None:
+    """The check of both FUSE-written runs, on layers of its own."""
+    ly = UserLayers(u, u.home / f"f{next(_examples)}")
     used, wrote = ly.run(ops, backend="fuse")
     assert used == "fuse"
     used, read = ly.run([])
     assert diff_trees(wrote["tree"], read["tree"]) == [], (used, ops)
     record = _record(ly.upper)
-    if {"redirect", "index"} & record:
-        assert used == "fuse", record
+    # the hand-over: only what kernel-userns cannot read keeps auto on FUSE
+    assert used == ("fuse" if {"redirect", "index"} & record else "kernel-userns"), (record, ops)
     # the record never claims less than the upper holds
     assert _holds(ly) <= record, ops
 
 
 @USER_SETTINGS
-@given(ops=st.lists(OPERATION, min_size=1, max_size=12))
+@given(ops=OPERATIONS)
 def test_kernel_userns_written_layers_read_the_same_through_fuse(unprivileged: Unprivileged,
                                                                  ops: list[Any]) -> None:
     """Written by the kernel in a user namespace, read by FUSE (as ``mount`` picks it for a
     user) and by ``auto``: the same tree as the kernel's own next mount shows (within the mount
     that made a hard link, the kernel may report the name it copied up with its lower inode
     number); the kernel's mode-000 work dir is no obstacle."""
-    ly = UserLayers(unprivileged, unprivileged.home / f"k{next(_examples)}")
+    check_kernel_written(unprivileged, ops)
+
+
+@pytest.mark.slow
+@RANDOM_RUN
+@given(ops=OPERATIONS)
+def test_kernel_userns_written_layers_random(unprivileged: Unprivileged, ops: list[Any]) -> None:
+    """The same on sequences no earlier run drew."""
+    with seed_note(RANDOM_BUDGET):
+        check_kernel_written(unprivileged, ops)
+
+
+def check_kernel_written(u: Unprivileged, ops: list[Any]) -> None:
+    """The check of both kernel-written runs, on layers of its own."""
+    ly = UserLayers(u, u.home / f"k{next(_examples)}")
     used, _wrote = ly.run(ops, backend="kernel-userns")
     assert used == "kernel-userns"
     _, reference = ly.run([], backend="kernel-userns")

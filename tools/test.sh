@@ -12,4 +12,6 @@ fi
 tools/private-mounts.sh .venv/bin/python -m pytest -q
 echo "test: the differential and semantic tests again, on stock pyfuse3 (.venv-stock)"
 VENV=.venv-stock OVERLAYFUSE_STOCK_PYFUSE3=1 tools/setup.sh
+# the stock run repeats the differential tests for the classic opens: fewer random examples
+export OVERLAYFUSE_DIFF_RANDOM_EXAMPLES="${OVERLAYFUSE_STOCK_DIFF_RANDOM_EXAMPLES:-25}"
 exec tools/private-mounts.sh .venv-stock/bin/python -m pytest -q tests/test_differential.py tests/test_semantics.py tests/test_fallocate.py
