@@ -5,6 +5,7 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -52,3 +53,20 @@ def aio_pwrite(fd: int, buf: mmap.mmap, off: int) -> int:
         return struct.unpack("<QQqq", event.raw)[2]
     finally:
         _libc.syscall(207, ctx)  # io_destroy
+
+
+def busybox_tree(path: Path, applets: tuple[str, ...], *,
+                 dirs: tuple[str, ...] = ("bin", "etc", "root", "tmp"),
+                 shell: str | None = "/bin/sh") -> Path:
+    """A tiny root for commands that see it as ``/``: busybox-static and symlinks for
+    ``applets`` in bin/, ``dirs`` (tmp/ sticky and world-writable), and root's passwd entry
+    with ``shell`` (none when None)."""
+    for d in dirs:
+        (path / d).mkdir(parents=True)
+    os.chmod(path / "tmp", 0o1777)
+    shutil.copy2("/bin/busybox", path / "bin/busybox")
+    for applet in applets:
+        os.symlink("busybox", path / "bin" / applet)
+    if shell is not None:
+        (path / "etc/passwd").write_text(f"root:x:0:0:root:/root:{shell}\n")
+    return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from helpers import busybox_tree
 from mounts import REPO, tree_snapshot
 from unpriv import Unprivileged, subordinate_ids
 
@@ -63,12 +63,8 @@ sys.exit(status)
 
 def make_tree(path: Path) -> Path:
     """A tiny root: busybox and its applets, its own resolv.conf and hosts, the usual dirs."""
-    for d in ("bin", "etc", "proc", "dev", "sys", "tmp", "root"):
-        (path / d).mkdir(parents=True)
-    os.chmod(path / "tmp", 0o1777)
-    shutil.copy2("/bin/busybox", path / "bin/busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
+    busybox_tree(path, APPLETS, dirs=("bin", "etc", "proc", "dev", "sys", "tmp", "root"),
+                 shell=None)
     (path / "etc/resolv.conf").write_text("nameserver 192.0.2.1\n")
     (path / "etc/hosts").write_text("192.0.2.2 the-tree\n")
     (path / "TREE-MARKER").write_text("tree\n")

@@ -13,13 +13,8 @@ from overlayfuse import LayerStore
 from overlayfuse.store.build import parse_steps
 from test_store_root import HOST_TOOLS, SEEN_MOUNT_POINTS
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 
 def write_steps(path: Path, log: Path, steps: list[str]) -> Path:

@@ -16,13 +16,8 @@ from mounts import diff_trees, mounts_under, tree_snapshot
 from overlayfuse import LayerStore
 from overlayfuse.errors import OverlayfuseError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 
 def make_src(root: Path) -> Path:

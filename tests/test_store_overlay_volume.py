@@ -18,13 +18,8 @@ import pytest
 from mounts import REPO, tree_snapshot
 from test_store_root import TIMEOUT, Who, host_pids_with, layer_entries, ok, who  # noqa: F401
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 
 def make_volume(who: Who) -> Path:

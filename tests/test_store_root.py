@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from helpers import busybox_tree
 from mounts import REPO, tree_snapshot
 from unpriv import Unprivileged
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 APPLETS = ("sh", "ash", "ls", "cat", "pwd", "echo", "sleep", "ln", "readlink", "mkdir", "id",
            "touch", "test")
@@ -34,23 +35,10 @@ HOST_TOOLS = tuple(a for b in TOOL_BINDS for a in ("--bind", b))
 SEEN_MOUNT_POINTS = ("proc", "dev", "sys", *(b.split(":")[0][1:] for b in TOOL_BINDS))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-
-
 def make_tree(path: Path, shell: str | None = "/bin/ash") -> Path:
     """busybox and some applets, root's passwd entry (its shell: ``shell``), no /proc /dev /sys
     (the run makes those mount points and takes them out of the layers again)."""
-    for d in ("bin", "etc", "root", "tmp"):
-        (path / d).mkdir(parents=True)
-    os.chmod(path / "tmp", 0o1777)
-    shutil.copy2("/bin/busybox", path / "bin/busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", path / "bin" / applet)
-    if shell is not None:
-        (path / "etc/passwd").write_text(f"root:x:0:0:root:/root:{shell}\n")
+    busybox_tree(path, APPLETS, shell=shell)
     (path / "TREE-MARKER").write_text("tree\n")
     return path
 

@@ -9,7 +9,6 @@ daemon or mount outlives a run.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,11 +20,13 @@ from typing import Any
 
 import pytest
 
+from helpers import busybox_tree
 from mounts import REPO
 from test_store_root import TIMEOUT, Who, host_pids_with, ok
 from unpriv import Unprivileged, subordinate_ids
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "touch", "chown", "chmod", "id", "stat", "find",
            "rm", "mv", "md5sum", "sort", "true")
@@ -44,12 +45,6 @@ CHANGE = ("echo more >> /data/sub && chmod 600 /data/low && touch /new && chown 
           "&& mv /data/low /data/moved && rm -r /data/gone && rm -r /data/opq && "
           "mkdir /data/opq && echo fresh > /data/opq/n && chown 2:3 /data/opq/n && "
           "mkdir -p /made/deep && echo d > /made/deep/f && chown -R 1000:1000 /made")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(params=["root", "user"])
@@ -73,13 +68,7 @@ def host_id(uid_map: list[str], inside: int) -> int:
 
 def init(who: Who) -> None:
     src = who.home / f"src-{uuid.uuid4().hex[:6]}"
-    for d in ("bin", "etc", "root", "tmp"):
-        (src / d).mkdir(parents=True)
-    os.chmod(src / "tmp", 0o1777)
-    shutil.copy2("/bin/busybox", src / "bin/busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", src / "bin" / applet)
-    (src / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    busybox_tree(src, APPLETS)
     ok(who.store("init", "--from", str(who.own(src))))
 
 

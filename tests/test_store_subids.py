@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import busybox_tree
 from mounts import REPO
 from test_store_root import Who, ok
 from unpriv import Unprivileged, subordinate_ids
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
 
 APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "touch", "chown", "chmod", "mkfifo", "id",
            "stat", "tar", "true")
@@ -32,12 +34,6 @@ WRITE = ("mkdir -p /w/$1/deep/er && touch /w/$1/one /w/$1/deep/f /w/$1/deep/er/g
          "chown 2:2 /w/$1/fifo && chmod 000 /w/$1/deep/er /w/$1/deep && "
          "cd /w/$1 && tar -cf /tmp/t.tar one && mkdir x && tar -xpf /tmp/t.tar -C x && "
          "rm /tmp/t.tar")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture
@@ -53,13 +49,7 @@ def subids(unprivileged: Unprivileged) -> Iterator[int]:
 
 def init(who: Who) -> None:
     src = who.home / f"src-{uuid.uuid4().hex[:6]}"
-    for d in ("bin", "etc", "root", "tmp", "w"):
-        (src / d).mkdir(parents=True)
-    os.chmod(src / "tmp", 0o1777)
-    shutil.copy2("/bin/busybox", src / "bin/busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", src / "bin" / applet)
-    (src / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    busybox_tree(src, APPLETS, dirs=("bin", "etc", "root", "tmp", "w"))
     ok(who.store("init", "--from", str(who.own(src))))
 
 
