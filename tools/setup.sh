@@ -20,9 +20,10 @@ fail() { echo "setup: $1" >&2; [ -s "$log" ] && tail -n 30 "$log" >&2; exit 1; }
 # mount program): about 22 MB to download, 100 MB on disk; patch applies our pyfuse3 patch;
 # uidmap (newuidmap/newgidmap) maps a user's subordinate IDs into the sandbox's user namespace;
 # zstd unpacks .tar.zst for store init --from-tar; libcap2-bin's setcap makes test archives;
-# debootstrap makes tests/test_debian_root.py's Debian 12 root (cached in /var/tmp)
+# debootstrap makes tests/test_debian_root.py's Debian 12 root (cached in /var/tmp); the tests
+# also use xz-utils (tar --xz) and procps (pgrep), which a minimal Debian lacks
 pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr fuse-overlayfs util-linux
-      patch podman runc busybox-static uidmap zstd libcap2-bin debootstrap)
+      patch podman runc busybox-static uidmap zstd libcap2-bin debootstrap xz-utils procps)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
