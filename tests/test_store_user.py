@@ -18,9 +18,12 @@ from unpriv import Unprivileged
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged runner needs root")
 
 
-FIND = "find . -printf '%y %m %s %p\\n' | sort"
+# type, mode, size and path; no size for dirs (it is the filesystem's own: on tmpfs it grows
+# with the entries, and a run's root holds its mount points)
+LIST = "\\( -type d -printf '%y %m - %p\\n' \\) -o -printf '%y %m %s %p\\n'"
+FIND = f"find . {LIST} | sort"
 # in a run the tree is /: its mount points (and what is mounted there) are not the tree's
-FIND_IN_RUN = "find . -xdev -printf '%y %m %s %p\\n' | sort"
+FIND_IN_RUN = f"find . -xdev {LIST} | sort"
 
 
 def as_user(u: Unprivileged, base: Path, *args: str) -> subprocess.CompletedProcess[str]:
