@@ -89,14 +89,18 @@ def _getattr_unlinked(ovl: Overlay, node: Node) -> pyfuse3.EntryAttributes:
     The link count is that of the file the fd reaches, as on the kernel's overlay, which stats
     the real inode the removed entry still names: 0 for an upper copy that lost its last name,
     the other names' count for one that has more (a hard link we did not see the kernel
-    keep), its own for a lower file removed by a whiteout.  A hard-linked file's index entry
-    is a name of its own, and a lower fd cannot tell about an upper copy: 0 then."""
+    keep), its own for a lower file removed by a whiteout.  An indexed hard link counts the
+    merged names its index keeps (the other names of a lower hard link, once this one went);
+    its index entry is a name of its own, and a lower fd cannot tell about an upper copy: 0
+    where no count says more."""
     upper_fd = ovl.open_fd(node, writable_layer=True) if node.upper else -1
     fd = upper_fd if upper_fd >= 0 else ovl.open_fd(node)
     if fd < 0:
         raise pyfuse3.FUSEError(errno.ENOENT)
     attr = entry_attributes(ovl, node, os.fstat(fd), fd)
-    if node.index is not None or node.upper and upper_fd < 0:
+    if node.index is not None:
+        attr.st_nlink = index.nlink(ovl, node) or 0
+    elif node.upper and upper_fd < 0:
         attr.st_nlink = 0
     return attr
 
