@@ -10,7 +10,8 @@ import pytest
 
 from mounts import Layers, force_unmount, make_layers, mounts_under
 from unpriv import (SESSION_HOMES, Unprivileged, build_pythonpath, ensure_user,
-                    fuse_device_mode, fuse_mode_holders, make_home, system_python)
+                    fuse_device_mode, fuse_mode_holders, make_home, no_subordinate_ids,
+                    system_python)
 
 
 def _watched_roots(factory: pytest.TempPathFactory) -> list[str]:
@@ -112,3 +113,11 @@ def private_probe_cache(tmp_path_factory: pytest.TempPathFactory,
     d = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(d))
     return d
+
+
+@pytest.fixture
+def no_subids(unprivileged: Unprivileged) -> Iterator[None]:
+    """The test user has no subordinate ranges while the test runs (checked, and held so:
+    other test sessions wait with theirs)."""
+    with no_subordinate_ids(unprivileged.user, unprivileged.uid):
+        yield

@@ -321,7 +321,8 @@ def test_user_with_ranges_gets_subordinate_owners(rootfs: Path,
     assert cap[3] == 3 and int.from_bytes(cap[20:24], "little") == u.uid, cap
 
 
-def test_user_without_ranges_owns_everything(rootfs: Path, unprivileged: Unprivileged) -> None:
+def test_user_without_ranges_owns_everything(rootfs: Path, unprivileged: Unprivileged,
+                                             no_subids: None) -> None:
     u = unprivileged
     archive = _user_archive(rootfs, u)
     base = u.home / "store"

@@ -265,6 +265,41 @@ def make_home(uid: int, gid: int) -> Path:
     return home
 
 
+_subids_held = 0  # subids_lock's depth in this process: one test may nest the two
+
+
+@contextlib.contextmanager
+def subids_lock() -> Iterator[None]:
+    """The flock over /etc/subuid and /etc/subgid that every test session takes while it
+    relies on a user's ranges, or on there being none."""
+    global _subids_held
+    if _subids_held:
+        _subids_held += 1
+        try:
+            yield
+        finally:
+            _subids_held -= 1
+        return
+    STATE_DIR.mkdir(mode=0o700, exist_ok=True)
+    with open(STATE_DIR / "subids.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _subids_held = 1
+        try:
+            yield
+        finally:
+            _subids_held = 0
+
+
+@contextlib.contextmanager
+def no_subordinate_ids(user: str, uid: int) -> Iterator[None]:
+    """The block relies on ``user`` having no subordinate ranges (the one-ID fallback)."""
+    from overlayfuse.sandbox.idmaps import SUBGID, SUBUID, subordinate_ranges
+    with subids_lock():
+        for path in (SUBUID, SUBGID):
+            assert subordinate_ranges(path, user, uid) == [], f"precondition: no ranges in {path}"
+        yield
+
+
 @contextlib.contextmanager
 def subordinate_ids(user: str, start: int, count: int) -> Iterator[None]:
     """``user:start:count`` in /etc/subuid and /etc/subgid for the block; afterwards the files
@@ -275,9 +310,7 @@ def subordinate_ids(user: str, start: int, count: int) -> Iterator[None]:
     line = f"{user}:{start}:{count}\n".encode()
     saved: dict[str, bytes | None] = {}
     written: dict[str, bytes] = {}
-    STATE_DIR.mkdir(mode=0o700, exist_ok=True)
-    with open(STATE_DIR / "subids.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with subids_lock():
         try:
             for f in ("/etc/subuid", "/etc/subgid"):
                 old = Path(f).read_bytes() if os.path.exists(f) else None
