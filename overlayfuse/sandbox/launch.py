@@ -69,7 +69,7 @@ def run(sandbox: Sandbox, argv: Sequence[str]) -> int:
     """
     _check(sandbox)
     plan = sandbox.ids()
-    env = dict(sandbox.env) if sandbox.env is not None else _clean_env()
+    env = dict(sandbox.env) if sandbox.env is not None else clean_env()
     root = os.path.abspath(sandbox.root)
     caller = os.getpid()
     cwd = os.path.normpath(sandbox.cwd)
@@ -91,7 +91,8 @@ def _check(sandbox: Sandbox) -> None:
         raise OverlayfuseError(f"root {sandbox.root}: not a directory")
 
 
-def _clean_env() -> dict[str, str]:
+def clean_env() -> dict[str, str]:
+    """What a command gets when no environment is given: PATH, HOME=/root, the host's TERM."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/root"}
     if "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]

@@ -37,7 +37,7 @@ from ..format import default_prefix, is_opaque, is_whiteout_stat, is_xattr_white
 from ..sandbox import Bind, CommandError, Sandbox, plan_ids
 from ..sandbox.idmaps import IdMode
 from ..sandbox import run as sandbox_run
-from ..sandbox.launch import DEFAULT_PATH
+from ..sandbox.launch import clean_env
 from ..sandbox.process import SETUP_FAILED
 from ..sandbox.rootfs import check_tree_path, resolve_in
 from ..spec import OverlaySpec
@@ -194,12 +194,7 @@ def tree_cwd(cwd: str | None) -> str:
 
 def command_env(env: dict[str, str] | None) -> dict[str, str] | None:
     """None (the sandbox's clean environment) or ``env`` over that clean base."""
-    if env is None:
-        return None
-    base = {"PATH": DEFAULT_PATH, "HOME": "/root"}
-    if "TERM" in os.environ:
-        base["TERM"] = os.environ["TERM"]
-    return {**base, **env}
+    return None if env is None else {**clean_env(), **env}
 
 
 def mount_points(targets: Sequence[str]) -> list[str]:
@@ -303,7 +298,7 @@ def tree_file(spec: OverlaySpec, rel: str) -> str | None:
         here = layer
         for n, name in enumerate(parts):
             try:
-                fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 break
             try:
@@ -324,7 +319,8 @@ def tree_file(spec: OverlaySpec, rel: str) -> str | None:
             here = os.path.join(here, name)
             if last:
                 try:
-                    with open(here, encoding="utf-8", errors="replace") as f:
+                    file_fd = os.open(here, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with open(file_fd, encoding="utf-8", errors="replace") as f:
                         return f.read()
                 except OSError:
                     return None
