@@ -387,7 +387,7 @@ def _rootless_and_chroot(user: Unprivileged, st: Store, pkgs: Path, chroot: Path
                str(stepfile))
     ok(r, "build")
     t_build = time.monotonic() - t1
-    ran = re.findall(r"\[(\d+)/\d+\] ran in ([\d.]+) s", r.stderr)
+    ran = re.findall(r"\[(\d+)/\d+\] ran +[0-9a-f]{12} +in ([\d.]+) s", r.stderr)
     assert len(ran) == len(steps), r.stderr
     log.info("build took %.1f s; steps: %s", t_build,
              ", ".join(f"{n}: {s} s" for n, s in ran))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import ovf
 from overlayfuse import LayerStore
-from overlayfuse.store.build import parse_steps
+from overlayfuse.store.stepfile import parse_steps
 from test_store_root import HOST_TOOLS, SEEN_MOUNT_POINTS
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
@@ -55,14 +55,15 @@ def test_cache_hits_changes_failures_and_no_cache(tmp_path: Path) -> None:
     r = build(base, "--config", "app", "--tag", "v1", str(f))
     assert r.returncode == 0, r.stderr
     assert ran(log) == [1, 2, 3]
-    assert "[3/3] ran in" in r.stderr and "built app: 3 steps, 0 cached, tagged v1" in r.stderr
+    assert "[3/3] ran " in r.stderr
+    assert "built app: 3 steps, 3 ran, 0 cached; key " in r.stderr and "; tagged v1" in r.stderr
     n_layers = len(os.listdir(base / "layers"))   # base + 3 steps
     assert n_layers == 4
     assert store_run(base, "app", "cat", "both") == "one\ntwo\n"  # allocates an upper
 
     r = build(base, "--config", "app", str(f))
     assert r.returncode == 0 and ran(log) == []
-    assert r.stderr.count("cached (ran in") == 3
+    assert r.stderr.count("] cached ") == 3
     assert len(os.listdir(base / "layers")) == n_layers
 
     steps[1] = "mkdir d && echo TWO > d/two"        # a changed step: it and what follows

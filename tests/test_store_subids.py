@@ -243,7 +243,7 @@ def test_build_step_giving_the_root_to_a_subordinate_id(user: Who, subids: int) 
     init(user)
     r = user.build(["chown 1000:1000 / && touch /built"])
     assert r.returncode == 0, r.stderr
-    assert "built default: 1 steps, 0 cached" in r.stderr
+    assert "built default: 1 steps, 1 ran, 0 cached; key " in r.stderr
     layer = upper_of_file(user, "built")
     base = subids - 1
     assert (layer.lstat().st_uid, layer.lstat().st_gid) == (base + 1000, base + 1000)

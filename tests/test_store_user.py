@@ -125,8 +125,10 @@ def test_user_build_is_cached_and_its_layers_are_the_users(unprivileged: Any) ->
              "--tag", "v1", str(steps)]
     r = u.run(build, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "built app: 2 steps, 0 cached, tagged v1" in r.stderr
-    r = u.run(build, capture_output=True, text=True, timeout=120)
+    assert "built app: 2 steps, 2 ran, 0 cached; key " in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith("; tagged v1"), r.stderr
+    # the same again, moving v1 (to the same result): every step from the cache
+    r = u.run([*build[:-1], "--force", build[-1]], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "2 cached" in r.stderr, r.stderr
     out = ok(as_user(u, base, "--config", "app", "run", "--snapshot", "v1", "--",
                      "cat", "opt/v", "opt/uid"))

@@ -61,8 +61,9 @@ class Sandbox:
         return self.ids().note
 
 
-def run(sandbox: Sandbox, argv: Sequence[str]) -> int:
-    """Run ``argv`` in ``sandbox``; its exit status (128+signal for a signal).
+def run(sandbox: Sandbox, argv: Sequence[str], setup_only: bool = False) -> int:
+    """Run ``argv`` in ``sandbox``; its exit status (128+signal for a signal).  ``setup_only``
+    runs no command: the sandbox is made (``prepare`` is the work) and left, status 0.
 
     OverlayfuseError when the sandbox cannot be set up (nothing changed for bad input);
     CommandError (``status`` 127 not found, 126 not executable) when the command cannot start.
@@ -74,7 +75,8 @@ def run(sandbox: Sandbox, argv: Sequence[str]) -> int:
     caller = os.getpid()
     cwd = os.path.normpath(sandbox.cwd)
     pid = spawn(argv, lambda: _workdir(cwd), env, setup=lambda: _enter(sandbox, plan, caller),
-                nested=(lambda: _make_root(sandbox, root, plan), lambda: drop_host_groups(plan)))
+                nested=(lambda: _make_root(sandbox, root, plan), lambda: drop_host_groups(plan)),
+                setup_only=setup_only)
     return wait_forwarding(pid)
 
 

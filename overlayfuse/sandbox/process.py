@@ -33,8 +33,9 @@ _pending_masks: dict[int, object] = {}
 
 def spawn(argv: Sequence[str], cwd: Callable[[], str] | str, env: dict[str, str],
           setup: Callable[[], None] | None = None,
-          nested: Sequence[Callable[[], None]] = ()) -> int:
+          nested: Sequence[Callable[[], None]] = (), setup_only: bool = False) -> int:
     """Fork, run ``setup`` in the child (namespaces, mounts), chdir, exec ``argv``: the PID.
+    With ``setup_only`` (and no ``argv``) the last step exits 0 instead of exec'ing.
 
     Each step of ``nested`` runs in a new child of the process before it, which stays behind as
     a relay (see ``_fork_relay``); the last one execs.  Failures before exec come back through a
@@ -43,7 +44,7 @@ def spawn(argv: Sequence[str], cwd: Callable[[], str] | str, env: dict[str, str]
     until a relay waits or the command execs, so none is lost on the way (a PID namespace's
     init drops, rather than queues, an unblocked signal it has no handler for).
     """
-    if not argv:
+    if not argv and not setup_only:
         raise OverlayfuseError("no command to run")
     r, w = os.pipe2(os.O_CLOEXEC)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
@@ -67,6 +68,8 @@ def spawn(argv: Sequence[str], cwd: Callable[[], str] | str, env: dict[str, str]
             for step in nested:
                 _fork_relay(w, old_mask, tty_sigint)
                 step()
+            if setup_only:
+                os._exit(0)
             os.chdir(cwd() if callable(cwd) else cwd)
             stage = "X"
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

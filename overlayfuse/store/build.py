@@ -1,54 +1,41 @@
 """``overlayfuse build``: a step file run step by step, each step's result cached as a layer.
 
-vagga's planned ``--cache-each-step``: step N runs with ``sh -c`` with the merged tree of step
-N-1's layer as ``/`` (``rooted``: its own namespaces, cwd ``/``), and its upper is kept as a
-layer keyed by sha256(parent key, step text), so a rerun reuses every unchanged step and
-starts at the first changed one.  A failing step keeps
-the steps before it; the next run starts at the failed one.  The result becomes the config's
-current state (and, with ``--tag``, a snapshot of that name).  A step that changes nothing
-keeps its parent's layer, so no empty layers pile up in the chain.  Whatever a step leaves
-running dies with it (its PID namespace), so nothing writes a layer once it is frozen.
+vagga's ``--cache-each-step``: a step runs on the merged tree of the step before it (``rooted``:
+its own namespaces, the tree as ``/``, cwd ``/``) and its upper is kept as a layer under a key,
+so a rerun reuses every unchanged step and starts at the first changed one.
+
+The key covers what the step sees (``stepkey``): the key before it, its text, the environment
+it runs with (fixed, plus ``ENV`` and ``--env``: never the caller's), and for a ``COPY`` what it
+copies.  The first key starts from the content identity of the base (``identity``), never from
+a layer id, so two stores building the same steps on the same base agree on every key, a step
+cached by any config of the store is reused, and a base snapshot that moved invalidates the
+build.  A failing step keeps its partial result (``.failed``) until the next build of the
+config, for ``store shell --failed``; the steps before it stay cached.  The result becomes the
+config's current state (and, with ``--tag``, a snapshot).  A step that changes nothing keeps its
+parent's layer, so no empty layers pile up.  Whatever a step leaves running dies with it (its
+PID namespace), so nothing writes a layer once it is frozen.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import sqlite3
 import sys
 import time
-
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ..errors import OverlayfuseError
 from ..sandbox import Bind
 from . import catalog as cat
 from .config import Config
 from .disk import as_owner, is_empty_dir
+from .identity import chain_identity
 from .rooted import Network, run_rooted
+from .stepcopy import copy_digest, copy_into
+from .stepfile import ENV_NAME, Step, read_steps
+from .stepkey import base_key, step_key
 from .store import check_name
-from .use import Use, take
-
-
-def parse_steps(text: str) -> list[str]:
-    """One step a line; blank lines and ``#`` comments skipped; a trailing ``\\`` continues."""
-    steps: list[str] = []
-    pending = ""
-    for line in text.splitlines():
-        if pending:
-            line = pending + " " + line.strip()
-            pending = ""
-        elif not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending = line[:-1].rstrip()
-            continue
-        steps.append(line.strip())
-    if pending:
-        steps.append(pending.strip())
-    return steps
-
-
-def step_key(parent_key: str, step: str) -> str:
-    return hashlib.sha256(f"{parent_key}\0{step}".encode()).hexdigest()
+from .use import take
 
 
 def _say(text: str) -> None:
@@ -56,110 +43,193 @@ def _say(text: str) -> None:
 
 
 def build(config: Config, stepfile: str, *, from_dir: str | None = None,
-          from_config: str | None = None, tag: str | None = None, no_cache: bool = False,
-          backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host") -> int:
+          from_config: str | None = None, from_tar: str | None = None, tag: str | None = None,
+          force: bool = False, no_cache: bool = False, backend: str = "auto",
+          binds: Sequence[Bind] = (), network: Network = "host",
+          env: Mapping[str, str] | None = None) -> int:
     """Build ``config`` from ``stepfile``: 0, or the exit status of the step that failed.
-    Each step sees the tree as ``/``, plus ``binds`` (host paths) and the ``network``."""
+    Each step sees the tree as ``/``, plus ``binds`` (host paths) and the ``network``; ``env``
+    (``--env``) is set for every step.  ``tag`` names the result as a snapshot; an existing
+    one is refused unless ``force``, as ``snapshot`` does."""
     if tag is not None:
         check_name(tag, "snapshot")
-    try:
-        with open(stepfile, encoding="utf-8") as f:
-            steps = parse_steps(f.read())
-    except OSError as e:
-        raise OverlayfuseError(f"cannot read the step file {stepfile}: {e.strerror}") from None
-    if not steps:
-        raise OverlayfuseError(f"the step file {stepfile} has no steps")
+    for name in env or {}:
+        if not ENV_NAME.match(name):
+            raise OverlayfuseError(f"--env {name}: not a variable name")
+    # everything about the input is checked before anything is built
+    steps = read_steps(stepfile, dict(env or {}))
+    copies = {s.number: copy_digest(s.sources, s.dest, f"{stepfile}:{s.line}")
+              for s in steps if s.kind == "copy"}
     store = config.store
     if not config.exists():
-        config.init(from_dir=from_dir, from_config=from_config)
-    elif from_dir is not None or from_config is not None:
-        if from_dir is not None:
-            asked = f"dir {os.path.realpath(from_dir)}"
-        else:
-            other, _, snap = (from_config or "").partition(":")
-            asked = f"config {other}:{snap or '(current)'}"
-        if asked != config.origin:
-            raise OverlayfuseError(f"config {config.name!r} exists and was made from "
-                                   f"{config.origin}, not {asked} (scrub it to start over)")
+        for line in config.init(from_dir=from_dir, from_config=from_config, from_tar=from_tar):
+            _say(line)
+    else:
+        _check_origin(config, from_dir, from_config, from_tar)
+    with store.txn() as conn:
+        config._require(conn)
+        if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
+            raise OverlayfuseError(f"snapshot {tag!r} exists already in config {config.name!r} "
+                                   "(--force moves it to the result)")
+        # the last build's failed state goes with the next build
+        cat.drop_ref(conn, config.name, cat.FAILED)
+        conn.execute("DELETE FROM failed WHERE config=?", (config.name,))
+        cat.drop_unheld(conn)
+    store.reap()
     conn = store.db()
-    base = cat.ref(conn, config.name, cat.BASE)
-    assert base is not None
-    key, layer = f"layer {base}", base
-    cached = 0
-    for number, step in enumerate(steps, 1):
-        key = step_key(key, step)
-        label = f"[{number}/{len(steps)}]"
-        row = None if no_cache else conn.execute(
-            "SELECT layer, seconds FROM steps WHERE config=? AND key=?",
-            (config.name, key)).fetchone()
-        if row is not None:
-            layer = row[0]
+    base, moved = _base_layer(config, conn)
+    if moved:
+        _say(f"the base {config.origin[len('config '):]} moved: building on its new state")
+    key = base_key(chain_identity(conn, store.layout, base, store.owner))
+    layer, ran, cached = base, 0, 0
+    how = dict(backend=backend, binds=tuple(binds), network=network)
+    for step in steps:
+        key = step_key(key, step, copies.get(step.number, ""))
+        label = f"[{step.number}/{len(steps)}]"
+        hit = None if no_cache else _cached(config, key, step)
+        if hit is not None:
+            layer, seconds = hit
             cached += 1
-            _say(f"{label} cached (ran in {row[1]:.1f} s): {step}")
+            _say(f"{label} cached  {key[:12]}  (ran in {seconds:.1f} s)  {step.text}")
             continue
-        _say(f"{label} running: {step}")
+        _say(f"{label} running {key[:12]}  {step.text}")
         started = time.monotonic()
-        status, layer = _run_step(config, layer, key, step, no_cache,
-                                  dict(backend=backend, binds=tuple(binds), network=network))
+        status, layer = _run_step(config, layer, key, step, no_cache, how)
         took = time.monotonic() - started
         if status != 0:
-            _say(f"{label} failed with exit status {status} after {took:.1f} s: {step}")
+            _say(f"{label} failed with exit status {status} after {took:.1f} s: {step.text}")
+            _say(f"its partial result is kept until the next build: overlayfuse store "
+                 f"--base {store.base} --config {config.name} shell --failed")
             return status
-        _say(f"{label} ran in {took:.1f} s")
+        ran += 1
+        _say(f"{label} ran     {key[:12]}  in {took:.1f} s")
     with store.txn() as conn:
         config._busy_upper(conn, "set the build result")
+        if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
+            raise OverlayfuseError(f"snapshot {tag!r} was made in config {config.name!r} "
+                                   "while building (--force moves it to the result)")
         cat.set_ref(conn, config.name, cat.CURRENT, layer)
         cat.set_ref(conn, config.name, cat.UPPER, layer)
+        if moved:
+            cat.set_ref(conn, config.name, cat.BASE, base)
         if tag is not None:
             cat.set_ref(conn, config.name, tag, layer)
         cat.drop_unheld(conn)
     store.reap()
-    _say(f"built {config.name}: {len(steps)} steps, {cached} cached"
-         + (f", tagged {tag}" if tag else ""))
+    _say(f"built {config.name}: {len(steps)} steps, {ran} ran, {cached} cached; key {key}"
+         + (f"; tagged {tag}" if tag else ""))
     return 0
 
 
-def _run_step(config: Config, parent: str, key: str, step: str, no_cache: bool,
+def _check_origin(config: Config, from_dir: str | None, from_config: str | None,
+                  from_tar: str | None) -> None:
+    if from_dir is not None:
+        asked = f"dir {os.path.realpath(from_dir)}"
+    elif from_tar is not None:
+        asked = f"tar {os.path.abspath(from_tar)}"
+    elif from_config is not None:
+        other, _, snap = from_config.partition(":")
+        asked = f"config {other}:{snap or '(current)'}"
+    else:
+        return
+    if asked != config.origin:
+        raise OverlayfuseError(f"config {config.name!r} exists and was made from "
+                               f"{config.origin}, not {asked} (scrub it to start over)")
+
+
+def _base_layer(config: Config, conn: sqlite3.Connection) -> tuple[str, bool]:
+    """The layer the first step stands on, and whether it moved: a config made from another
+    config's snapshot follows that snapshot (or that config's current state) where it is now;
+    a dir or a tarball was read once, when the config was made."""
+    base = cat.ref(conn, config.name, cat.BASE)
+    assert base is not None
+    origin = config.origin
+    if not origin.startswith("config "):
+        return base, False
+    other, _, snap = origin[len("config "):].partition(":")
+    now = cat.ref(conn, other, cat.CURRENT if snap == "(current)" else snap)
+    if now is None:
+        _say(f"the base {other}:{snap} is gone: building on the state it had when config "
+             f"{config.name!r} was made")
+        return base, False
+    return now, now != base
+
+
+def _cached(config: Config, key: str, step: Step) -> tuple[str, float] | None:
+    """The layer a step with ``key`` left in any config of the store, now also held by this
+    config's row (in one transaction, so nothing drops it in between), and how long it ran."""
+    with config.store.txn() as conn:
+        row = conn.execute("SELECT layer, seconds, changed FROM steps WHERE key=? "
+                           "ORDER BY config=? DESC, used DESC LIMIT 1",
+                           (key, config.name)).fetchone()
+        if row is None:
+            return None
+        _record(conn, config.name, key, step, row[0], row[1], row[2])
+    return row[0], row[1]
+
+
+def _record(conn: sqlite3.Connection, config: str, key: str, step: Step, layer: str,
+            seconds: float, changed: int | None) -> None:
+    now = time.time()
+    old = conn.execute("SELECT created FROM steps WHERE config=? AND key=?",
+                       (config, key)).fetchone()
+    conn.execute("INSERT OR REPLACE INTO steps(config, key, layer, seconds, number, text, "
+                 "changed, created, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (config, key, layer, seconds, step.number, step.text, changed,
+                  old[0] if old and old[0] else now, now))
+
+
+def _run_step(config: Config, parent: str, key: str, step: Step, no_cache: bool,
               how: dict[str, object]) -> tuple[int, str]:
-    """Run one step on top of ``parent``: (exit status, the layer holding its result)."""
+    """Run one step on top of ``parent``: (exit status, the layer holding its result).  A
+    failed step's partial result becomes the config's ``.failed`` state."""
     store = config.store
-    use = _stack_on(config, parent)
+    use = take(store, config.name, mode="throwaway", top=parent)
     started = time.monotonic()
     try:
         assert use.tmp is not None and use.spec.upperdir is not None
-        status = run_rooted(store, use.spec, ["sh", "-c", step], keep_upper=True,
-                            **how)  # type: ignore[arg-type]
-        if status != 0:
-            return status, parent
+        env = dict(step.env)
+        if step.kind == "copy":
+            sources, dest = step.sources, step.dest
+            status = run_rooted(store, use.spec, [], env=env, keep_upper=True,
+                                inside=lambda root: copy_into(root, sources, dest),
+                                **how)  # type: ignore[arg-type]
+        else:
+            status = run_rooted(store, use.spec, ["sh", "-c", step.text], env=env,
+                                keep_upper=True, **how)  # type: ignore[arg-type]
         changed = not is_empty_dir(use.spec.upperdir) or _root_changed(
             use.spec.upperdir, store.layout.layer(parent))
         with store.txn() as conn:
-            row = conn.execute("SELECT layer FROM steps WHERE config=? AND key=?",
-                               (config.name, key)).fetchone()
-            if row is not None and not no_cache:
-                return 0, row[0]     # a concurrent build of the same step was quicker
+            if status == 0 and not no_cache:
+                row = conn.execute("SELECT layer, seconds, changed FROM steps WHERE key=? "
+                                   "LIMIT 1", (key,)).fetchone()
+                if row is not None:   # a concurrent build of the same step was quicker
+                    _record(conn, config.name, key, step, row[0], row[1], row[2])
+                    return 0, row[0]
             if parent not in cat.layer_ids(conn):
                 raise OverlayfuseError("a concurrent build replaced the layer below this "
                                        "step; run the build again")
-            layer = cat.new_layer_id() if changed else parent
-            if changed:
+            keep = changed or status != 0
+            layer = cat.new_layer_id() if keep else parent
+            if keep:
                 cat.add_layer(conn, layer, parent)
                 # a step that chowned / leaves an upper the user may not move: as its owner
-                upper, dest = use.spec.upperdir, store.layout.layer(layer)
-                as_owner(lambda: os.rename(upper, dest))
-            conn.execute("INSERT OR REPLACE INTO steps(config, key, layer, seconds) "
-                         "VALUES (?, ?, ?, ?)",
-                         (config.name, key, layer, time.monotonic() - started))
+                upper, dest_dir = use.spec.upperdir, store.layout.layer(layer)
+                as_owner(lambda: os.rename(upper, dest_dir))
+            if status != 0:
+                cat.set_ref(conn, config.name, cat.FAILED, layer)
+                conn.execute("INSERT OR REPLACE INTO failed(config, number, text, env, created)"
+                             " VALUES (?, ?, ?, ?, ?)",
+                             (config.name, step.number, step.text, json.dumps(step.env),
+                              time.time()))
+            else:
+                _record(conn, config.name, key, step, layer, time.monotonic() - started,
+                        int(changed))
             cat.drop_unheld(conn)
-        return 0, layer
+        return status, layer
     finally:
         use.release()
         store.reap()
-
-
-def _stack_on(config: Config, parent: str) -> Use:
-    """A throwaway upper on top of ``parent``'s chain, its layers locked as lowers."""
-    return take(config.store, config.name, mode="throwaway", top=parent)
 
 
 def _root_changed(upper: str, parent: str) -> bool:

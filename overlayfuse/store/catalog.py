@@ -16,15 +16,17 @@ from typing import Iterator
 
 SCHEMA_VERSION = "1"
 
-# special references of a config; snapshot names cannot start with a dot
-UPPER, CURRENT, BASE = ".upper", ".current", ".base"
+# special references of a config; snapshot names cannot start with a dot.  ``.failed`` holds
+# the partial result of the step that failed in the config's last build (``failed`` says which)
+UPPER, CURRENT, BASE, FAILED = ".upper", ".current", ".base", ".failed"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
     id TEXT PRIMARY KEY,
     parent TEXT REFERENCES layers(id),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    content TEXT
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 CREATE TABLE IF NOT EXISTS configs (
@@ -45,7 +47,20 @@ CREATE TABLE IF NOT EXISTS steps (
     key TEXT NOT NULL,
     layer TEXT NOT NULL REFERENCES layers(id),
     seconds REAL NOT NULL DEFAULT 0,
+    number INTEGER,
+    text TEXT,
+    changed INTEGER,
+    created REAL,
+    used REAL,
     PRIMARY KEY (config, key)
+);
+CREATE INDEX IF NOT EXISTS steps_key ON steps(key);
+CREATE TABLE IF NOT EXISTS failed (
+    config TEXT PRIMARY KEY REFERENCES configs(name),
+    number INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    env TEXT NOT NULL,
+    created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS mounts (
     mountpoint TEXT PRIMARY KEY,
@@ -65,7 +80,26 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.executescript(SCHEMA)
+    _add_columns(conn)
     return conn
+
+
+# columns added since the first stores: added to an older catalog when it is opened
+ADDED_COLUMNS = {"layers": ("content TEXT",),
+                 "steps": ("number INTEGER", "text TEXT", "changed INTEGER", "created REAL",
+                           "used REAL")}
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in have:
+                try:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another process was quicker
+                        raise
 
 
 @contextmanager
@@ -134,8 +168,8 @@ def holders(conn: sqlite3.Connection, layer: str) -> list[str]:
     """Who holds ``layer``, in words: ``config:name`` refs, build steps, child layers."""
     out = [f"{c}:{n}" for c, n in conn.execute(
         "SELECT config, name FROM refs WHERE layer=? ORDER BY config, name", (layer,))]
-    out += [f"{c}:build step" for (c,) in conn.execute(
-        "SELECT config FROM steps WHERE layer=? ORDER BY config", (layer,))]
+    out += [f"{c}:build step {n or '?'}" for c, n in conn.execute(
+        "SELECT config, number FROM steps WHERE layer=? ORDER BY config, number", (layer,))]
     out += [f"child {c}" for (c,) in conn.execute(
         "SELECT id FROM layers WHERE parent=? ORDER BY id", (layer,))]
     return out

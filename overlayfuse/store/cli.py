@@ -5,14 +5,17 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sqlite3
 import sys
+import time
 
 from ..backends.choose import BACKEND_NAMES
 from ..errors import OverlayfuseError
 from ..run import command_status
 from ..sandbox import Bind, CommandError
 from .api import LayerStore
+from .buildcache import CachedStep, cached_steps, prune
 from .config import unmount_recorded
 from .disk import human
 
@@ -40,6 +43,9 @@ def _run_options(c: argparse.ArgumentParser) -> None:
                    help="a throwaway upper: the changes vanish afterwards")
     c.add_argument("--snapshot", metavar="NAME", help="run in this snapshot (read-only "
                                                       "unless --writable)")
+    c.add_argument("--failed", action="store_true",
+                   help="in the partial result of the step that failed in the last build, "
+                        "with its environment, on a throwaway upper")
     c.add_argument("--cwd", metavar="DIR", help="working directory in the tree (default /)")
     _sandbox_options(c)
     c.add_argument("--overlay", action="append", default=[], metavar="SRC:DST",
@@ -94,10 +100,22 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
                                            "it)")):
         c = cmds.add_parser(name, help=text)
         c.add_argument("name", metavar="NAME")
+        if name == "snapshot":
+            c.add_argument("--force", action="store_true",
+                           help="move NAME when it exists (refused otherwise)")
     cmds.add_parser("snapshots", help="list the snapshots, '* ' before the current ones")
     cmds.add_parser("clean", help="drop the changes made since the current snapshot")
     cmds.add_parser("scrub", help="remove the config (layers other configs use stay)")
-    cmds.add_parser("gc", help="remove leftovers of killed processes and unreferenced layers")
+    c = cmds.add_parser("gc", help="remove leftovers of killed processes and unreferenced "
+                                   "layers; with --build-cache, cached build steps")
+    c.add_argument("--build-cache", action="store_true",
+                   help="also remove the cached build steps no config's state or snapshot "
+                        "needs, least recently used first")
+    c.add_argument("--older-than", type=_days, metavar="DAYS",
+                   help="with --build-cache: only steps unused for DAYS days")
+    c.add_argument("--max-size", type=_size, metavar="SIZE",
+                   help="with --build-cache: until the unneeded steps take at most SIZE "
+                        "(bytes, or with K, M, G, T)")
     cmds.add_parser("info", help="the config's layers, who holds them, which backend serves")
     cmds.add_parser("configs", help="the configs in the store")
     p.set_defaults(func=cmd_store)
@@ -108,22 +126,37 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     _common(b)
     src = b.add_mutually_exclusive_group()
     src.add_argument("--from", dest="from_dir", metavar="DIR")
-    src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]")
-    b.add_argument("--tag", metavar="SNAPSHOT", help="name the result as a snapshot")
+    src.add_argument("--from-tar", metavar="FILE", help="a root filesystem tarball")
+    src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]",
+                     help="stand on that snapshot (or current state), wherever it is now")
+    b.add_argument("--tag", metavar="SNAPSHOT",
+                   help="name the result as a snapshot (an existing one: with --force)")
+    b.add_argument("--force", action="store_true", help="move an existing --tag snapshot")
+    b.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a variable for every step (repeatable; wins over ENV lines)")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--list", action="store_true",
+                   help="list the store's cached steps instead of building")
     b.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
     _sandbox_options(b)
-    b.add_argument("stepfile", metavar="STEPFILE")
+    b.add_argument("stepfile", metavar="STEPFILE", nargs="?",
+                   help="shell steps, one a line, and COPY SRC... DST / ENV NAME=VALUE lines")
     b.set_defaults(func=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     store = LayerStore(args.base)
     try:
+        if args.list:
+            _print_cache(cached_steps(store))
+            return 0
+        if args.stepfile is None:
+            raise OverlayfuseError("build needs a STEPFILE (or --list)")
+        env = dict(parse_env(shlex.quote(e), "--env")[0] for e in args.env)
         return store.config(args.config).build(
-            args.stepfile, from_dir=args.from_dir, from_config=args.from_config, tag=args.tag,
-            no_cache=args.no_cache, backend=args.backend, binds=_binds(args.bind),
-            network=args.network)
+            args.stepfile, from_dir=args.from_dir, from_config=args.from_config,
+            from_tar=args.from_tar, tag=args.tag, force=args.force, no_cache=args.no_cache,
+            backend=args.backend, binds=_binds(args.bind), network=args.network, env=env)
     except CommandError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return e.status
@@ -148,7 +181,8 @@ def _binds(texts: list[str]) -> tuple[Bind, ...]:
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    return dict(writable=args.writable, snapshot=args.snapshot, backend=args.backend,
+    return dict(writable=args.writable, snapshot=args.snapshot, failed=args.failed,
+                backend=args.backend,
                 cwd=args.cwd, binds=_binds(args.bind), network=args.network,
                 verbose=args.verbose, map_root=args.map_root, overlays=args.overlay)
 
@@ -173,6 +207,12 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
                   f"{human(c['size'])}")  # type: ignore[arg-type]
         return 0
     if cmd == "gc":
+        if args.build_cache:
+            p = prune(store, args.older_than, args.max_size)
+            print(f"gc: {p['removed']} cached build steps removed ({human(p['freed'])} "
+                  f"freed), {p['kept']} kept")
+        elif args.older_than is not None or args.max_size is not None:
+            raise OverlayfuseError("--older-than and --max-size go with --build-cache")
         r = store.gc()
         print(f"gc: {r['layers']} layers kept, {r['removed']} dirs and {r['leftovers']} "
               f"leftovers removed" + (f", {r['missing']} layers MISSING" if r["missing"]
@@ -193,7 +233,7 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
             print(f"overlayfuse: mounted {config.name} on {m.target} ({m.backend})",
                   file=sys.stderr)
     elif cmd == "snapshot":
-        config.snapshot(args.name)
+        config.snapshot(args.name, force=args.force)
     elif cmd == "rollback":
         config.rollback(args.name)
     elif cmd == "remove-snapshot":

@@ -7,6 +7,7 @@ layer.  Every operation is one transaction, then the disk follows (``LayerStore.
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
@@ -144,14 +145,15 @@ class Config:
             raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is {why}")
         return upper
 
-    def snapshot(self, name: str) -> "Snapshot":
-        """Freeze the current upper as ``name``; it becomes the current state."""
+    def snapshot(self, name: str, force: bool = False) -> "Snapshot":
+        """Freeze the current upper as ``name``; it becomes the current state.  An existing
+        ``name`` is refused, or moved with ``force`` (as ``build --tag``)."""
         check_name(name, "snapshot")
         with self.store.txn() as conn:
             upper = self._busy_upper(conn, f"snapshot {name}")
-            if cat.ref(conn, self.name, name) is not None:
+            if cat.ref(conn, self.name, name) is not None and not force:
                 raise OverlayfuseError(f"snapshot {name!r} exists already in config "
-                                       f"{self.name!r}")
+                                       f"{self.name!r} (--force moves it)")
             cat.set_ref(conn, self.name, name, upper)
             cat.set_ref(conn, self.name, cat.CURRENT, upper)
             cat.drop_unheld(conn)
@@ -208,7 +210,7 @@ class Config:
             if busy:
                 raise OverlayfuseError(f"cannot scrub: config {self.name!r} is "
                                        f"{busy[0].describe()}")
-            for table in ("refs", "steps", "mounts"):
+            for table in ("refs", "steps", "mounts", "failed"):
                 conn.execute(f"DELETE FROM {table} WHERE config=?", (self.name,))
             conn.execute("DELETE FROM configs WHERE name=?", (self.name,))
             cat.drop_unheld(conn)
@@ -291,7 +293,7 @@ class Config:
             backend: str = "auto", cwd: str | None = None, env: dict[str, str] | None = None,
             binds: Sequence[Bind | str] = (), network: Network = "host",
             map_root: bool = False, verbose: bool = False,
-            overlays: Sequence[OverlayVolume | str] = ()) -> int:
+            overlays: Sequence[OverlayVolume | str] = (), failed: bool = False) -> int:
         """Run ``argv`` with the current state as ``/`` (cwd ``/`` or ``cwd``): its changes
         stay in the config's upper, or vanish afterwards with ``writable`` (a throwaway upper;
         several may run at once).  A ``snapshot`` is shown read-only unless ``writable``.
@@ -299,7 +301,14 @@ class Config:
         host dirs shown writable, their changes thrown away (``OverlayVolume`` or
         ``SRC:DST``).  ``env`` None is a clean environment.  A normal user is root inside,
         with the subordinate ranges for the other IDs; ``map_root`` maps one ID only (root
-        inside is the user)."""
+        inside is the user).  ``failed`` runs in the partial result of the step that failed in
+        the last build, with that step's environment, on a throwaway upper."""
+        if failed:
+            if snapshot is not None:
+                raise OverlayfuseError("--failed and --snapshot do not go together")
+            snapshot, writable = cat.FAILED, True
+            term = {"TERM": os.environ["TERM"]} if "TERM" in os.environ else {}
+            env = {**self.failed_step()[2], **term, **(env or {})}
         keep = snapshot is None and not writable
         binds = [b if isinstance(b, Bind) else Bind.parse(b) for b in binds]
         for bind in binds:  # before the layers are taken: bad input changes nothing
@@ -322,11 +331,26 @@ class Config:
                 use.release()
                 self.store.reap()
 
+    def failed_step(self) -> tuple[int, str, dict[str, str]]:
+        """(number, text, environment) of the step that failed in the last build."""
+        conn = self.store.db()
+        self._require(conn)
+        row = conn.execute("SELECT number, text, env FROM failed WHERE config=?",
+                           (self.name,)).fetchone()
+        if row is None or cat.ref(conn, self.name, cat.FAILED) is None:
+            raise OverlayfuseError(f"config {self.name!r} has no failed build step (a build "
+                                   "keeps the state of a step that failed until the next "
+                                   "build)")
+        return row[0], row[1], dict(json.loads(row[2]))
+
     def shell(self, **kwargs: object) -> int:
         """An interactive shell with the current state as ``/``: root's login shell in the
         tree's /etc/passwd, else /bin/sh (the options of ``run``); its exit status."""
+        if kwargs.get("failed"):
+            self.failed_step()   # a clear error before anything is taken
+        snapshot = cat.FAILED if kwargs.get("failed") else kwargs.get("snapshot")
         use = take(self.store, self.name, mode="readonly",
-                   snapshot=kwargs.get("snapshot"))  # type: ignore[arg-type]
+                   snapshot=snapshot)  # type: ignore[arg-type]
         try:
             shell = root_shell(use.spec)
         finally:

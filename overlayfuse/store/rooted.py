@@ -28,7 +28,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from ..backends.choose import choose
 from ..backends.kernel import mount_or_explain
@@ -82,13 +82,16 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                backend: str = "auto", binds: Sequence[Bind] = (), network: Network = "host",
                cwd: str | None = None, env: dict[str, str] | None = None,
                readonly: bool = False, keep_upper: bool = False, verbose: bool = False,
-               map_root: bool = False, overlays: Sequence[OverlayVolume] = ()) -> int:
+               map_root: bool = False, overlays: Sequence[OverlayVolume] = (),
+               inside: Callable[[str], None] | None = None) -> int:
     """Run ``argv`` with the merged tree of ``spec`` (which has an upper) as ``/``.
 
     ``readonly`` shows the tree read-only; ``keep_upper`` says the upper outlives the run
     (the mount points made for it are taken out again).  ``map_root`` maps one ID only (root
     inside is the user) even when the user has subordinate ranges.  ``overlays`` are host dirs
-    shown writable with a throwaway upper.  The command's exit status;
+    shown writable with a throwaway upper.  ``inside`` (with no ``argv``) is work done in
+    the sandbox instead of a command: called with the mounted tree's path as root of the
+    tree's user namespace, before the tree becomes ``/``.  The command's exit status;
     OverlayfuseError for a set-up failure, CommandError (126/127) when it cannot start.
     """
     assert spec.upperdir is not None and spec.workdir is not None
@@ -125,6 +128,8 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
             make_mount_points(mnt.path, binds, [v.target for v in overlays])
             for vol, vol_spec in zip(overlays, vol_specs):
                 mount_tree(vol_spec, resolve_in(mnt.path, vol.target))
+            if inside is not None:
+                inside(mnt.path)
             if readonly:
                 mount(mnt.path, mnt.path, None, MS_BIND | MS_REC)
                 mount(None, mnt.path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
@@ -132,7 +137,7 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
         sandbox = Sandbox(mnt.path, binds=binds, network=network, cwd=sandbox_cwd,
                           env=command_env(env), idmap=idmap, owner=owner, prepare=prepare)
         try:
-            return sandbox_run(sandbox, argv)
+            return sandbox_run(sandbox, argv, setup_only=inside is not None and not argv)
         finally:
             drop_made(spec.upperdir, made)
 
