@@ -286,3 +286,44 @@ def test_bad_step_files_build_nothing(tmp_path: Path, line: str, says: str) -> N
         f" in {p.ctx}" if "nothing matches" in says or "no such" in says else
         f" {p.ctx}" if "leaves" in says else "")], r.stderr
     assert not p.base.exists()
+
+
+def test_copy_never_follows_a_tree_symlink_out_of_the_tree(tmp_path: Path) -> None:
+    """Symlinks a step left in the tree resolve inside it (an absolute one at the tree's
+    root, a ``..`` stops there), the destination's own included, as a Containerfile's COPY
+    resolves them; below the destination nothing is followed.  The host is never written."""
+    p = Project(tmp_path)
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "victim").write_text("host file\n")
+    rel = "../" * 12 + str(host).lstrip("/")
+    (p.ctx / "steps").write_text(
+        f"ln -s {host} /abs && ln -s {rel} /rel && mkdir -p /opt && "
+        f"ln -s {host}/victim /opt/victim\n"
+        "COPY app.txt /abs/\n"
+        "COPY app.txt /rel/sub/copied\n"
+        "COPY app.txt /opt/victim\n"
+        "COPY conf /abs/conf\n"
+        f"mkdir -p /d && ln -s {host} /d/a.conf\n"
+        "COPY conf /d\n")
+    r, steps = p.build()
+    assert r.returncode == 0 and ran(steps) == [1, 2, 3, 4, 5, 6, 7], r.stderr
+    assert sorted(os.listdir(host)) == ["victim"]
+    assert (host / "victim").read_text() == "host file\n"
+    inside = p.run("sh", "-c", f"cat {host}/app.txt {host}/sub/copied {host}/conf/a.conf "
+                               f"{host}/victim; test -L /d/a.conf || cat /d/a.conf")
+    assert inside == "app v1\napp v1\na=1\napp v1\na=1\n"
+
+
+def test_a_copy_that_cannot_land_fails_its_step(tmp_path: Path) -> None:
+    p = Project(tmp_path)
+    (p.ctx / "steps").write_text("mkdir -p /opt && echo file > /opt/first\n"
+                                 "COPY app.txt /opt/first/x\n")
+    r, steps = p.build()
+    assert r.returncode == 1 and ran(steps) == [1], r.stderr
+    assert ("overlayfuse build: COPY to /opt/first/x: COPY destination /opt/first: /opt/first "
+            "is not a directory in the tree") in r.stderr
+    assert "[2/2] failed with exit status 1" in r.stderr
+    assert p.run("ls", "/").split().count("opt") == 0
+    assert ok(ovf("store", "--base", str(p.base), "--config", "app", "run", "--failed",
+                  *HOST_TOOLS, "--", "cat", "/opt/first")) == "file\n"

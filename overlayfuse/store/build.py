@@ -31,7 +31,7 @@ from .config import Config
 from .disk import as_owner, is_empty_dir
 from .identity import chain_identity
 from .rooted import Network, run_rooted
-from .stepcopy import copy_digest, copy_into
+from .stepcopy import copy_digest, copy_step
 from .stepfile import ENV_NAME, Step, read_steps
 from .stepkey import base_key, step_key
 from .store import check_name
@@ -192,7 +192,7 @@ def _run_step(config: Config, parent: str, key: str, step: Step, no_cache: bool,
         if step.kind == "copy":
             sources, dest = step.sources, step.dest
             status = run_rooted(store, use.spec, [], env=env, keep_upper=True,
-                                inside=lambda root: copy_into(root, sources, dest),
+                                inside=lambda root: copy_step(root, sources, dest),
                                 **how)  # type: ignore[arg-type]
         else:
             status = run_rooted(store, use.spec, ["sh", "-c", step.text], env=env,

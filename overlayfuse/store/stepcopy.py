@@ -8,14 +8,16 @@ symbolic links can be copied; a directory source copies its contents into ``DST`
 
 The copy runs in the step's sandbox before its root is entered (``run_rooted``'s ``inside``),
 as root of the tree's user namespace, with the tree mounted: ``DST`` is resolved inside the
-tree (``resolve_in``) and below it nothing in the tree is followed: an entry in the way that is
-not a directory where one is copied is replaced, as the kernel would on the merged tree.
+tree (``resolve_in``: symlinks followed as if the tree were ``/``, its own last one included,
+as a Containerfile's ``COPY`` does; missing components made), and below it nothing in the tree
+is followed: an entry in the way (a symlink too) is replaced unless both are directories.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
+import sys
 from typing import Sequence
 
 from ..errors import OverlayfuseError
@@ -60,6 +62,20 @@ def _digest_entry(h: "hashlib._Hash", path: str, rel: bytes, where: str) -> None
                                f"{e.strerror}") from None
 
 
+def copy_step(root: str, sources: Sequence[str], dest: str) -> None:
+    """A COPY step in its sandbox: ``copy_into``, and a failure ends the step like a failed
+    command (one line, exit status 1), so the build keeps its partial result."""
+    try:
+        copy_into(root, sources, dest)
+    except (OSError, OverlayfuseError) as e:
+        if isinstance(e, OSError):
+            where = os.fsdecode(e.filename or "")
+            where = "/" + os.path.relpath(where, root) if where.startswith(root) else where
+            e = OverlayfuseError(f"{where}: {e.strerror}")
+        print(f"overlayfuse build: COPY to {dest}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def copy_into(root: str, sources: Sequence[str], dest: str) -> None:
     """Copy ``sources`` into the tree mounted at ``root``: a directory's contents into
     ``dest``; a file to ``dest``, or into it when it ends in ``/`` or is a directory."""
@@ -85,8 +101,15 @@ def _make_dirs(root: str, path: str) -> str:
         done += "/" + name
         here = resolve_in(root, done)
         if not os.path.lexists(here):
-            os.mkdir(here, 0o755)
-            os.chmod(here, 0o755)
+            # a symlink may point at a path missing in the tree: its missing components are
+            # made too (no symlink among them: resolve_in followed every one that exists)
+            missing = []
+            while not os.path.lexists(here):
+                missing.append(here)
+                here = os.path.dirname(here)
+            for d in reversed(missing):
+                os.mkdir(d, 0o755)
+                os.chmod(d, 0o755)
         elif not os.path.isdir(here):
             raise OverlayfuseError(f"COPY destination {path}: {done} is not a directory in "
                                    "the tree")
