@@ -31,6 +31,7 @@ from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
 from .store import LayerStore, check_name
+from .live import control_path, freeze, live_writer, prepare_run_dir
 from .use import take
 
 POSTINIT = "postinit"
@@ -149,6 +150,12 @@ class Config:
         """Freeze the current upper as ``name``; it becomes the current state.  An existing
         ``name`` is refused, or moved with ``force`` (as ``build --tag``)."""
         check_name(name, "snapshot")
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            # the mount stays: its daemon freezes the upper and goes on with a fresh one
+            freeze(self.store, self.name, row, name, force)
+            self.store.reap()
+            return Snapshot(self, name)
         with self.store.txn() as conn:
             upper = self._busy_upper(conn, f"snapshot {name}")
             if cat.ref(conn, self.name, name) is not None and not force:
@@ -274,7 +281,14 @@ class Config:
             if chosen.name == "kernel":
                 # recorded first: once mounted, nothing but this row holds the layers
                 use.record(chosen.name, None)
-            inner = chosen.mount(use.spec, target)
+            if chosen.name == "fuse" and not snapshot:
+                # a writable FUSE mount takes snapshots without unmounting (live.py)
+                prepare_run_dir(self.store)
+                control = (control_path(self.store, target),
+                           dict(zip(use.layers, use.locks.fds)))
+                inner = chosen.mount(use.spec, target, control=control)  # type: ignore
+            else:
+                inner = chosen.mount(use.spec, target)
             use.record(chosen.name, inner.pid)
         except BaseException:
             use.release()

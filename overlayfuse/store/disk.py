@@ -81,6 +81,11 @@ class TmpEntry:
                 os.chown(self._lock_path, st.st_uid, st.st_gid)
                 os.chown(self.path, st.st_uid, st.st_gid)
 
+    @property
+    def lock_path(self) -> str:
+        """Held while this process lives: others can tell whether the maker is still at it."""
+        return self._lock_path
+
     def close(self) -> None:
         """Remove what is left in the entry (what cannot be is left to ``gc``, with a
         warning), then let go of its lock."""
