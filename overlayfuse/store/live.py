@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import json
 import os
+import signal
 import socket
 import time
 
@@ -34,7 +35,10 @@ from .locks import lock_all
 from .store import LayerStore, MountRow
 
 _libc = ctypes.CDLL(None, use_errno=True)
-REPLY_TIMEOUT = 600.0  # s: a switch waits for the requests in flight, a syncfs for the disk
+REPLY_TIMEOUT = 600.0
+# tests: the stage at which a process SIGKILLs itself (fusefs/control.py reads it in the
+# daemon: received, synced, switched; here, in the command: recorded, replied)
+FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"  # s: a switch waits for the requests in flight, a syncfs for the disk
 
 
 class DaemonGone(OverlayfuseError):
@@ -163,7 +167,9 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
         gone: DaemonGone | None = None
         refused: OverlayfuseError | None = None
         try:
+            _fault("recorded")
             ask(path, request, locks.fds)
+            _fault("replied")
         except DaemonGone as e:
             gone = e
         except OverlayfuseError as e:
@@ -179,6 +185,11 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
         raise OverlayfuseError(f"{gone}: {what}, but the mount at {row.mountpoint} is dead "
                                f"(overlayfuse store umount {row.mountpoint}, then mount it "
                                "again)")
+
+
+def _fault(stage: str) -> None:
+    if os.environ.get(FAULT_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _flush(mountpoint: str) -> None:

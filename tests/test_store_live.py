@@ -1,0 +1,347 @@
+"""A mounted config stays mounted: ``store snapshot`` through the mount's FUSE daemon.
+
+An editor keeps a file open for writing across a snapshot and writes on; four writers append
+timestamped records during twenty snapshots in a row; the daemon or the command is SIGKILLed
+at each stage of a switch; another user tries to reach the daemon.  What holds: the mount
+point, its device and mount ID stay; a snapshot has every record acknowledged before it began
+and none begun after it returned; a frozen layer's fingerprint never changes; after a kill
+the catalog is the state before or after, ``gc`` finds nothing missing and the next mount
+works.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mounts import REPO
+from test_store_root import TIMEOUT, Who, ok
+from unpriv import Unprivileged
+
+from overlayfuse import LayerStore
+from overlayfuse.store import catalog as cat
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as root"),
+              pytest.mark.usefixtures("private_probe_cache")]
+
+FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"
+
+
+def ovf(who: Who, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """``overlayfuse store`` as root, with extra environment (a fault to inject)."""
+    return subprocess.run([sys.executable, "-m", "overlayfuse", "store", "--base",
+                           str(who.base), *args], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=who.home,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+
+
+def mount_identity(mnt: Path) -> tuple[str, str]:
+    """(mount ID, device) of the mount on ``mnt`` in /proc/self/mountinfo."""
+    found = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()
+             if line.split()[4] == str(mnt)]
+    assert len(found) == 1, found
+    return found[0][0], found[0][2]
+
+
+def fingerprint(layer: Path) -> str:
+    """Names, types, modes, owners, sizes, data, xattrs, mtimes and ctimes of a layer dir: a
+    frozen layer keeps every one of them (a ctime moves with any change, xattrs included)."""
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(layer)):
+        dirs.sort()
+        for name in [""] + sorted(dirs + files):
+            p = os.path.join(d, name) if name else d
+            st = os.lstat(p)
+            h.update(f"{os.path.relpath(p, layer)} {st.st_mode:o} {st.st_uid} {st.st_gid} "
+                     f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
+            for x in sorted(os.listxattr(p, follow_symlinks=False)):
+                h.update(x.encode() + os.getxattr(p, x, follow_symlinks=False))
+            if stat.S_ISREG(st.st_mode):
+                h.update(Path(p).read_bytes())
+            elif stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(p).encode())
+    return h.hexdigest()
+
+
+def refs(who: Who) -> dict[str, str]:
+    store = LayerStore(str(who.base))
+    try:
+        return store.config("default").refs()
+    finally:
+        store.close()
+
+
+def layer_dir(who: Who, layer: str) -> Path:
+    return who.base / "layers" / layer
+
+
+def unmount(who: Who, mnt: Path) -> None:
+    if os.path.ismount(mnt) or any(line.split()[4] == str(mnt) for line in
+                                   Path("/proc/self/mountinfo").read_text().splitlines()):
+        r = ovf(who, "umount", str(mnt))
+        if r.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[tuple[Who, Path]]:
+    """A config (a busybox tree) mounted writable through FUSE by ``store mount``."""
+    who = Who(None, tmp_path)
+    who.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+    try:
+        yield who, mnt
+    finally:
+        unmount(who, mnt)
+
+
+EDITOR = r"""
+import os, sys
+path, cwd = sys.argv[1], sys.argv[2]
+os.chdir(cwd)
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"before\n")
+print("wrote", flush=True)
+sys.stdin.readline()
+os.write(fd, b"after\n")
+with open("made-in-cwd", "w") as f:   # the cwd still works
+    f.write("cwd\n")
+print("wrote", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_editor_writes_across_snapshot(mounted: tuple[Who, Path]) -> None:
+    who, mnt = mounted
+    (mnt / "work").mkdir()
+    identity = mount_identity(mnt)
+    editor = subprocess.Popen([sys.executable, "-c", EDITOR, str(mnt / "doc.txt"),
+                               str(mnt / "work")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert editor.stdout.readline() == "wrote\n"
+        reader = os.open(mnt / "doc.txt", os.O_RDONLY)  # opened before, read after
+        try:
+            t = time.monotonic()
+            ok(ovf(who, "snapshot", "s1"))
+            took = time.monotonic() - t
+            s1 = refs(who)["s1"]
+            assert refs(who)[cat.UPPER] != s1
+            frozen = fingerprint(layer_dir(who, s1))
+            editor.stdin.write("go\n")
+            editor.stdin.flush()
+            assert editor.stdout.readline() == "wrote\n"
+            assert (mnt / "doc.txt").read_text() == "before\nafter\n"
+            assert os.pread(reader, 100, 0) == b"before\nafter\n"
+        finally:
+            os.close(reader)
+        assert (mnt / "work" / "made-in-cwd").read_text() == "cwd\n"
+        shown = ok(ovf(who, "run", "--snapshot", "s1", "--", "cat", "/doc.txt"))
+        assert shown == "before\n"
+        assert not (layer_dir(who, s1) / "work" / "made-in-cwd").exists()
+        assert (layer_dir(who, s1) / "doc.txt").read_text() == "before\n"
+        editor.stdin.write("done\n")
+        editor.stdin.flush()
+        assert editor.wait(timeout=TIMEOUT) == 0
+        ok(ovf(who, "snapshot", "s2"))
+        assert fingerprint(layer_dir(who, s1)) == frozen
+        assert mount_identity(mnt) == identity
+        shown = ok(ovf(who, "run", "--snapshot", "s2", "--", "cat", "/doc.txt",
+                       "/work/made-in-cwd"))
+        assert shown == "before\nafter\ncwd\n"
+        assert took < 30, took
+    finally:
+        editor.kill()
+        editor.wait()
+
+
+WRITER = r"""
+import os, sys, time
+path, acks, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+out = open(acks, "w", buffering=1)
+n = 0
+while not os.path.exists(stop):
+    begun = time.monotonic()
+    os.write(fd, b"%d %.9f\n" % (n, begun))
+    out.write("%d %.9f\n" % (n, time.monotonic()))   # acknowledged: write() returned
+    n += 1
+    time.sleep(0.002)
+os.close(fd)
+"""
+
+
+def test_writers_during_twenty_snapshots(mounted: tuple[Who, Path], tmp_path: Path) -> None:
+    who, mnt = mounted
+    stop = tmp_path / "stop"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / f"log{i}"),
+                                 str(tmp_path / f"acks{i}"), str(stop)]) for i in range(4)]
+    windows: list[tuple[str, float, float]] = []
+    try:
+        time.sleep(0.3)
+        for k in range(20):
+            begun = time.monotonic()
+            ok(ovf(who, "snapshot", f"s{k}"))
+            windows.append((f"s{k}", begun, time.monotonic()))
+        frozen = {name: fingerprint(layer_dir(who, refs(who)[name])) for name, _, _ in windows}
+    finally:
+        stop.touch()
+        for w in writers:
+            w.wait(timeout=TIMEOUT)
+    assert all(w.returncode == 0 for w in writers)
+    acks = [[tuple(map(float, line.split())) for line in
+             (tmp_path / f"acks{i}").read_text().splitlines()] for i in range(4)]
+    assert all(len(a) > 20 for a in acks), [len(a) for a in acks]
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    store = LayerStore(str(who.base))
+    try:
+        for name, begun, ended in windows:
+            with store.config("default").mount(str(snap), "fuse", snapshot=name):
+                for i in range(4):
+                    log = snap / f"log{i}"
+                    lines = log.read_text().splitlines() if log.exists() else []
+                    records = [tuple(map(float, line.split())) for line in lines]
+                    # whole records, in order, none missing: a prefix of what was written
+                    assert [int(r[0]) for r in records] == list(range(len(records))), name
+                    # every record acknowledged before the snapshot began is in it
+                    acked = sum(1 for _, t in acks[i] if t < begun)
+                    assert len(records) >= acked, (name, i, len(records), acked)
+                    # and none begun after it returned
+                    assert all(t < ended for _, t in records), (name, i)
+    finally:
+        store.close()
+    for i in range(4):
+        final = (mnt / f"log{i}").read_text().splitlines()
+        assert [int(line.split()[0]) for line in final] == list(range(len(acks[i])))
+    for name, _, _ in windows:
+        assert fingerprint(layer_dir(who, refs(who)[name])) == frozen[name], name
+
+
+def check_consistent(who: Who) -> None:
+    """``gc`` finds every layer the catalog names, and nothing else in layers/."""
+    r = ovf(who, "gc")
+    assert r.returncode == 0 and "MISSING" not in r.stdout, r.stdout + r.stderr
+    store = LayerStore(str(who.base))
+    try:
+        conn = store.db()
+        known = cat.layer_ids(conn)
+        assert not conn.execute("SELECT * FROM switches").fetchall()
+        assert cat.ref(conn, "default", cat.NEXT) is None
+    finally:
+        store.close()
+    on_disk = set(os.listdir(who.base / "layers"))
+    assert on_disk == known
+
+
+@pytest.mark.parametrize("who_dies,stage,after", [
+    ("daemon", "received", True), ("daemon", "synced", True), ("daemon", "switched", True),
+    ("command", "recorded", False), ("command", "replied", True)])
+def test_killed_during_a_switch(tmp_path: Path, who_dies: str, stage: str, after: bool) -> None:
+    who = Who(None, tmp_path)
+    who.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fault = {FAULT_ENV: stage}
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt),
+           env=fault if who_dies == "daemon" else None))
+    try:
+        (mnt / "kept").write_text("written before\n")
+        old_upper = refs(who)[cat.UPPER]
+        r = ovf(who, "snapshot", "s1", env=fault if who_dies == "command" else None)
+        assert r.returncode != 0
+        if who_dies == "command":
+            assert r.returncode == -signal.SIGKILL
+        else:
+            assert "is dead" in r.stderr, r.stderr
+        check_consistent(who)
+        now = refs(who)
+        if after:   # the state after: the old upper is s1 and current, a fresh upper on top
+            assert now["s1"] == now[cat.CURRENT] == old_upper != now[cat.UPPER]
+            assert (layer_dir(who, now["s1"]) / "kept").read_text() == "written before\n"
+        else:       # the state before
+            assert "s1" not in now and now[cat.UPPER] == old_upper
+        if who_dies == "daemon":
+            unmount(who, mnt)
+            ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+        assert (mnt / "kept").read_text() == "written before\n"
+        (mnt / "more").write_text("after the kill\n")
+        ok(ovf(who, "snapshot", "s2"))
+        check_consistent(who)
+        shown = ok(ovf(who, "run", "--snapshot", "s2", "--", "cat", "/kept", "/more"))
+        assert shown == "written before\nafter the kill\n"
+    finally:
+        unmount(who, mnt)
+
+
+REACH = r"""
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    os.chdir(os.path.dirname(sys.argv[1]))    # a store's path may be too long for sun_path
+    s.connect(os.path.basename(sys.argv[1]))
+except OSError as e:
+    print(json.dumps({"connect": e.strerror}))
+    sys.exit(0)
+s.sendall(b'{"op": "ping"}\n')
+print(s.makefile().readline().strip() or json.dumps({"reply": None}))
+"""
+
+
+def ask_as_root(sock: Path) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cwd = os.getcwd()
+    try:
+        os.chdir(sock.parent)
+        s.connect(sock.name)
+    finally:
+        os.chdir(cwd)
+    with s:
+        s.sendall(b'{"op": "ping"}\n')
+        return json.loads(s.makefile().readline())
+
+
+def test_another_user_cannot_switch(unprivileged: Unprivileged) -> None:
+    home = unprivileged.home / "root-side"   # a path the other user can walk to
+    home.mkdir(mode=0o755)
+    who = Who(None, home)
+    who.init()
+    mnt = home / "mnt"
+    mnt.mkdir()
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+    try:
+        socks = list((who.base / "run").iterdir())
+        assert len(socks) == 1 and stat.S_IMODE(socks[0].stat().st_mode) == 0o600
+        script = home / "reach.py"
+        script.write_text(REACH)
+        script.chmod(0o644)
+        r = unprivileged.run([unprivileged.python, str(script), str(socks[0])],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert json.loads(r.stdout) == {"connect": "Permission denied"}, r.stdout + r.stderr
+        # with the socket opened to all, the daemon itself refuses by the peer's credentials
+        os.chmod(who.base / "run", 0o755)
+        os.chmod(socks[0], 0o666)
+        r = unprivileged.run([unprivileged.python, str(script), str(socks[0])],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        reply = json.loads(r.stdout)
+        assert reply["ok"] is False and "may not control" in reply["error"], r.stdout
+        # root may, and the mount is unharmed
+        assert ask_as_root(socks[0])["ok"] is True
+        (mnt / "f").write_text("x\n")
+        ok(ovf(who, "snapshot", "s1"))
+        assert (layer_dir(who, refs(who)["s1"]) / "f").read_text() == "x\n"
+    finally:
+        unmount(who, mnt)
