@@ -12,9 +12,13 @@ Floors, bottom up; a module imports only from the floors below it (tests/test_fl
     identity    a frozen layer's content identity (computed once, kept in the catalog)
     copytree    ``init --from DIR``: copy a tree into a fresh layer
     tarimport   ``init --from-tar FILE``: unpack a root filesystem tarball into a fresh layer
+    ocitar      a store layer (or a chain's merged tree) written as an OCI layer tarball
+    ociapply    an OCI layer blob unpacked into a fresh layer, its digests checked
+    skopeo      images between registries, OCI layouts and podman through ``skopeo``
     store       the catalog-level LayerStore: opening, who uses a layer, reap and gc
     buildcache  ``build --list`` and ``gc --build-cache``: the cached steps, and pruning them
     use         taking layers for a mount or a run: spec, locks, catalog record
+    image       ``store export``, ``init --from-image``: layers out and in as OCI images
     rooted      a command with a use's tree as ``/`` (through ``overlayfuse.sandbox``)
     config      a config's snapshot operations, mounts and runs; Snapshot
     build       step-cached builds of a config
