@@ -16,6 +16,7 @@ from ..run import command_status
 from ..sandbox import Bind, CommandError
 from .api import LayerStore
 from .buildcache import CachedStep, cached_steps, prune
+from .remotecache import RemoteCache
 from .config import unmount_recorded
 from .disk import human
 from .image import Access, export_image, export_tar
@@ -138,6 +139,14 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set a variable for every step (repeatable; wins over ENV lines)")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--cache-from", metavar="REF",
+                   help="take steps from this cache: docker://HOST/NAME (a registry "
+                        "repository, one tag a step) or oci:DIR")
+    b.add_argument("--cache-to", metavar="REF",
+                   help="give each step's layer to this cache (the same forms)")
+    b.add_argument("--tls-verify", default="true", choices=("true", "false"),
+                   help="check the registry's TLS (default true; false for plain HTTP)")
+    b.add_argument("--authfile", metavar="FILE", help="registry credentials (podman's form)")
     b.add_argument("--list", action="store_true",
                    help="list the store's cached steps instead of building")
     b.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
@@ -159,7 +168,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         return store.config(args.config).build(
             args.stepfile, from_dir=args.from_dir, from_config=args.from_config,
             from_tar=args.from_tar, tag=args.tag, force=args.force, no_cache=args.no_cache,
-            backend=args.backend, binds=_binds(args.bind), network=args.network, env=env)
+            backend=args.backend, binds=_binds(args.bind), network=args.network, env=env,
+            remote=RemoteCache(args.cache_from, args.cache_to,
+                               Access(args.tls_verify == "true", args.authfile)))
     except CommandError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return e.status
