@@ -420,6 +420,11 @@ def test_catalog_rows_follow_the_layers(tmp_path: Path) -> None:
         conn.close()
     assert (digest,) not in rows and len(rows) == 1
     assert not (base / "oci/blobs/sha256" / digest[7:]).exists()
+    # and `gc` does it too, with no export or import after
+    ok(cli(base, "--config", "other", "scrub"))
+    assert os.listdir(base / "oci/blobs/sha256") != []
+    ok(cli(base, "gc"))
+    assert os.listdir(base / "oci/blobs/sha256") == []
 
 
 def test_layer_push_and_pull_for_a_build_cache(reg: str, tmp_path: Path) -> None:

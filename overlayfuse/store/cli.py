@@ -19,7 +19,7 @@ from .buildcache import CachedStep, cached_steps, prune
 from .remotecache import RemoteCache
 from .config import unmount_recorded
 from .disk import human
-from .image import Access, export_image, export_tar
+from .image import Access, export_image, export_tar, prune_blob_cache
 from .stepfile import parse_env
 
 STORE_COMMANDS = ("init", "mount", "umount", "run", "shell", "snapshot", "rollback", "snapshots",
@@ -228,6 +228,7 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
         elif args.older_than is not None or args.max_size is not None:
             raise OverlayfuseError("--older-than and --max-size go with --build-cache")
         r = store.gc()
+        prune_blob_cache(store)
         print(f"gc: {r['layers']} layers kept, {r['removed']} dirs and {r['leftovers']} "
               f"leftovers removed" + (f", {r['missing']} layers MISSING" if r["missing"]
                                       else ""))

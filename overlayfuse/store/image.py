@@ -191,6 +191,13 @@ class BlobDir:
         return obj
 
 
+def prune_blob_cache(store: LayerStore) -> None:
+    """``gc``: forget the conversions of layers that are gone and remove their blobs."""
+    if os.path.isdir(os.path.join(store.base, "oci")):
+        with BlobDir(store).locked():
+            pass
+
+
 def remembered(conn: sqlite3.Connection, layer: str) -> LayerBlob | None:
     row = conn.execute("SELECT digest, diff_id, size, media_type, chain_id FROM oci_layers "
                        "WHERE layer=? AND layer IN (SELECT id FROM layers)",
