@@ -2,7 +2,9 @@
 # Show the main job: two read-only lower dirs merged with a writable upper by overlayfuse.
 # Edits through the mount (create, modify a lower file, delete a lower file) land in the upper
 # dir only, in the kernel's on-disk format (a deleted lower file becomes a 0,0 character device,
-# a "whiteout"). Everything is created in a temp dir and removed on any exit.
+# a "whiteout"). Then the layer store on top: a cached build from a step file (COPY, ENV), a
+# rebuild after an input changed, a snapshot and a rollback. Everything is created in a temp
+# dir and removed on any exit.
 # OVERLAYFUSE_BACKEND=kernel|auto picks another backend (default: fuse).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,4 +71,20 @@ tree upper
 
 show overlayfuse umount "$demo/merged"
 if mountpoint -q merged; then echo "still mounted"; exit 1; fi
+
+echo; echo "== the layer store: a cached build, the tree as / (the host's programs bound in)"
+tools=(); for d in /usr /bin /lib /lib64; do [ -e $d ] && tools+=(--bind "$d:$d:ro"); done
+mkdir -p app/conf && echo "port=80" > app/conf/app.conf
+printf 'mkdir -p /opt/app\nCOPY conf /opt/app/conf\nENV APPVER=1\necho "v$APPVER" > /opt/app/version\n' \
+  > app/steps
+show cat app/steps
+store=(--base "$demo/store" --config app)
+show overlayfuse build "${store[@]}" "${tools[@]}" --tag v1 app/steps
+run 'echo "port=8080" > app/conf/app.conf   # an input changed: that step and the rest run again'
+show overlayfuse build "${store[@]}" "${tools[@]}" app/steps
+show overlayfuse store "${store[@]}" run "${tools[@]}" -- cat /opt/app/conf/app.conf
+show overlayfuse store "${store[@]}" rollback v1
+show overlayfuse store "${store[@]}" run "${tools[@]}" -- cat /opt/app/conf/app.conf
+[ "$(overlayfuse store "${store[@]}" run "${tools[@]}" -- cat /opt/app/conf/app.conf)" = port=80 ]
+show overlayfuse build --base "$demo/store" --list
 echo; echo "demo done: unmounted, and $demo is removed on exit"

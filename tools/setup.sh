@@ -22,8 +22,11 @@ fail() { echo "setup: $1" >&2; [ -s "$log" ] && tail -n 30 "$log" >&2; exit 1; }
 # zstd unpacks .tar.zst for store init --from-tar; libcap2-bin's setcap makes test archives;
 # debootstrap makes tests/test_debian_root.py's Debian 12 root (cached in /var/tmp); the tests
 # also use xz-utils (tar --xz) and procps (pgrep), which a minimal Debian lacks
+# skopeo and docker-registry are for tests/test_store_oci*.py (store export, init --from-image:
+# skopeo moves the images, a local registry on 127.0.0.1 receives them)
 pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr fuse-overlayfs util-linux
-      patch podman runc busybox-static uidmap zstd libcap2-bin debootstrap xz-utils procps)
+      patch podman runc busybox-static uidmap zstd libcap2-bin debootstrap xz-utils procps
+      skopeo docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -30,11 +30,12 @@ from . import catalog as cat
 from .config import Config
 from .disk import as_owner, is_empty_dir
 from .identity import chain_identity
+from .remotecache import RemoteCache
 from .rooted import Network, run_rooted
 from .stepcopy import copy_digest, copy_step
 from .stepfile import ENV_NAME, Step, read_steps
 from .stepkey import base_key, step_key
-from .store import check_name
+from .store import LayerStore, check_name
 from .use import take
 
 
@@ -46,11 +47,12 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
           from_config: str | None = None, from_tar: str | None = None, tag: str | None = None,
           force: bool = False, no_cache: bool = False, backend: str = "auto",
           binds: Sequence[Bind] = (), network: Network = "host",
-          env: Mapping[str, str] | None = None) -> int:
+          env: Mapping[str, str] | None = None, remote: RemoteCache | None = None) -> int:
     """Build ``config`` from ``stepfile``: 0, or the exit status of the step that failed.
     Each step sees the tree as ``/``, plus ``binds`` (host paths) and the ``network``; ``env``
     (``--env``) is set for every step.  ``tag`` names the result as a snapshot; an existing
-    one is refused unless ``force``, as ``snapshot`` does."""
+    one is refused unless ``force``, as ``snapshot`` does.  ``remote`` is a registry's cache
+    of steps to take from and give to (``--cache-from``, ``--cache-to``)."""
     if tag is not None:
         check_name(tag, "snapshot")
     for name in env or {}:
@@ -81,7 +83,8 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
     if moved:
         _say(f"the base {config.origin[len('config '):]} moved: building on its new state")
     key = base_key(chain_identity(conn, store.layout, base, store.owner))
-    layer, ran, cached = base, 0, 0
+    layer, ran, cached, pulled = base, 0, 0, 0
+    remote = remote or RemoteCache(None, None)
     how = dict(backend=backend, binds=tuple(binds), network=network)
     for step in steps:
         key = step_key(key, step, copies.get(step.number, ""))
@@ -91,9 +94,17 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
             layer, seconds = hit
             cached += 1
             _say(f"{label} cached  {key[:12]}  (ran in {seconds:.1f} s)  {step.text}")
+            _give(remote, store, layer, key)
+            continue
+        started = time.monotonic()
+        took_from = None if no_cache else _pulled(config, remote, key, step, layer)
+        if took_from is not None:
+            layer = took_from
+            pulled += 1
+            _say(f"{label} pulled  {key[:12]}  in {time.monotonic() - started:.1f} s  "
+                 f"{step.text}")
             continue
         _say(f"{label} running {key[:12]}  {step.text}")
-        started = time.monotonic()
         status, layer = _run_step(config, layer, key, step, no_cache, how)
         took = time.monotonic() - started
         if status != 0:
@@ -103,6 +114,7 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
             return status
         ran += 1
         _say(f"{label} ran     {key[:12]}  in {took:.1f} s")
+        _give(remote, store, layer, key)
     with store.txn() as conn:
         config._busy_upper(conn, "set the build result")
         if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
@@ -116,7 +128,8 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
             cat.set_ref(conn, config.name, tag, layer)
         cat.drop_unheld(conn)
     store.reap()
-    _say(f"built {config.name}: {len(steps)} steps, {ran} ran, {cached} cached; key {key}"
+    _say(f"built {config.name}: {len(steps)} steps, {ran} ran, {cached} cached"
+         + (f", {pulled} pulled" if remote.cache_from else "") + f"; key {key}"
          + (f"; tagged {tag}" if tag else ""))
     return 0
 
@@ -166,6 +179,21 @@ def _cached(config: Config, key: str, step: Step) -> tuple[str, float] | None:
             return None
         _record(conn, config.name, key, step, row[0], row[1], row[2])
     return row[0], row[1]
+
+
+def _pulled(config: Config, remote: RemoteCache, key: str, step: Step,
+            parent: str) -> str | None:
+    """The step's layer from ``--cache-from``, recorded as this config's cached step."""
+    def hold(conn: sqlite3.Connection, top: str) -> None:
+        _record(conn, config.name, key, step, top, 0.0, int(top != parent))
+    return remote.take(config.store, key, hold)
+
+
+def _give(remote: RemoteCache, store: LayerStore, layer: str, key: str) -> None:
+    started = time.monotonic()
+    if remote.give(store, layer, key):
+        _say(f"      pushed  {key[:12]}  to {remote.cache_to} in "
+             f"{time.monotonic() - started:.1f} s")
 
 
 def _record(conn: sqlite3.Connection, config: str, key: str, step: Step, layer: str,

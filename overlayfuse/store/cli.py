@@ -16,8 +16,11 @@ from ..run import command_status
 from ..sandbox import Bind, CommandError
 from .api import LayerStore
 from .buildcache import CachedStep, cached_steps, prune
+from .remotecache import RemoteCache
 from .config import unmount_recorded
 from .disk import human
+from .image import Access, export_image, export_tar, prune_blob_cache
+from .stepfile import parse_env
 
 STORE_COMMANDS = ("init", "mount", "umount", "run", "shell", "snapshot", "rollback", "snapshots",
                   "remove-snapshot", "clean", "scrub", "gc", "info", "configs")
@@ -76,6 +79,7 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
                           "(a normal user's as its subordinate IDs), modes, times, xattrs, "
                           "hard links; device nodes skipped")
     src.add_argument("--from-config", metavar="CONFIG[:SNAPSHOT]")
+    _add_image_options(cmds, c, src)
     c = cmds.add_parser("mount", help="mount the current state writable (a snapshot: read-only)")
     c.add_argument("--backend", default="auto", choices=("auto", "kernel", "fuse"))
     c.add_argument("--snapshot", metavar="NAME", help="mount this snapshot read-only")
@@ -135,6 +139,14 @@ def add_store_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set a variable for every step (repeatable; wins over ENV lines)")
     b.add_argument("--no-cache", action="store_true", help="run every step again")
+    b.add_argument("--cache-from", metavar="REF",
+                   help="take steps from this cache: docker://HOST/NAME (a registry "
+                        "repository, one tag a step) or oci:DIR")
+    b.add_argument("--cache-to", metavar="REF",
+                   help="give each step's layer to this cache (the same forms)")
+    b.add_argument("--tls-verify", default="true", choices=("true", "false"),
+                   help="check the registry's TLS (default true; false for plain HTTP)")
+    b.add_argument("--authfile", metavar="FILE", help="registry credentials (podman's form)")
     b.add_argument("--list", action="store_true",
                    help="list the store's cached steps instead of building")
     b.add_argument("--backend", default="auto", choices=("auto",) + BACKEND_NAMES)
@@ -156,7 +168,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         return store.config(args.config).build(
             args.stepfile, from_dir=args.from_dir, from_config=args.from_config,
             from_tar=args.from_tar, tag=args.tag, force=args.force, no_cache=args.no_cache,
-            backend=args.backend, binds=_binds(args.bind), network=args.network, env=env)
+            backend=args.backend, binds=_binds(args.bind), network=args.network, env=env,
+            remote=RemoteCache(args.cache_from, args.cache_to,
+                               Access(args.tls_verify == "true", args.authfile)))
     except CommandError as e:
         print(f"overlayfuse: {e}", file=sys.stderr)
         return e.status
@@ -214,6 +228,7 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
         elif args.older_than is not None or args.max_size is not None:
             raise OverlayfuseError("--older-than and --max-size go with --build-cache")
         r = store.gc()
+        prune_blob_cache(store)
         print(f"gc: {r['layers']} layers kept, {r['removed']} dirs and {r['leftovers']} "
               f"leftovers removed" + (f", {r['missing']} layers MISSING" if r["missing"]
                                       else ""))
@@ -221,6 +236,8 @@ def _dispatch(store: LayerStore, args: argparse.Namespace) -> int:
     if cmd == "umount":
         unmount_recorded(store, args.mountpoint)
         return 0
+    if cmd == "export" or (cmd == "init" and args.from_image):
+        return _cmd_image(store, args)
     config = store.config(args.config)
     if cmd == "init":
         for line in config.init(from_dir=args.from_dir, from_config=args.from_config,
@@ -262,3 +279,88 @@ def _print_info(info: dict[str, object]) -> None:
         print(f"in use:    {use}")
     for purpose, why in info["backends"].items():  # type: ignore[attr-defined]
         print(f"{purpose + ':':10} {why}")
+
+
+def _print_cache(steps: list[CachedStep]) -> None:
+    """``build --list``: one line a cached step; ``needed`` when a state or snapshot uses it."""
+    now = time.time()
+    print(f"{'CONFIG':12} {'STEP':>4}  {'KEY':12}  {'SIZE':>9}  {'USED':>9}  {'STATE':6}  TEXT")
+    for s in steps:
+        age = now - s.used
+        used = (f"{age / 86400:.0f} d ago" if age >= 86400 else f"{age / 3600:.0f} h ago"
+                if age >= 3600 else f"{age / 60:.0f} min ago")
+        print(f"{s.config:12} {s.number or '?':>4}  {s.key[:12]}  "
+              f"{human(s.size) if s.size else '-':>9}  {used:>9}  "
+              f"{'needed' if s.needed else 'spare':6}  {s.text}")
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of days")
+    return days * 86400
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 500M or 2G")
+    return int(value * units[unit])
+
+
+# -- OCI images: store export, store init --from-image -------------------------------------
+
+def _add_image_options(cmds: argparse._SubParsersAction, init: argparse.ArgumentParser,
+                       init_src: argparse._MutuallyExclusiveGroup) -> None:
+    """``init --from-image`` and the ``export`` subcommand, with skopeo's registry options."""
+    init_src.add_argument("--from-image", metavar="IMAGE",
+                          help="an OCI image: oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                               "docker://HOST/NAME:TAG or containers-storage:IMAGE; its "
+                               "layers become the config's (shared with the store's)")
+    _registry_options(init)
+    c = cmds.add_parser("export", help="write the current state (or a snapshot) as an OCI "
+                                       "image, one layer per store layer, or as one tarball",
+                        description="DEST: oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                                    "docker://HOST/NAME:TAG or containers-storage:NAME[:TAG].")
+    c.add_argument("--snapshot", metavar="NAME", help="export this snapshot")
+    c.add_argument("--tar", metavar="FILE",
+                   help="the merged tree as one plain tarball instead (podman export's form)")
+    _registry_options(c)
+    c.add_argument("dest", metavar="DEST", nargs="?")
+
+
+def _registry_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--tls-verify", default="true", choices=("true", "false"),
+                   help="require HTTPS and valid certificates (default true; false for a "
+                        "plain-HTTP registry such as one on 127.0.0.1)")
+    c.add_argument("--authfile", metavar="FILE",
+                   help="registry credentials (default: the containers auth.json)")
+
+
+def _cmd_image(store: LayerStore, args: argparse.Namespace) -> int:
+    access = Access(tls_verify=args.tls_verify == "true", authfile=args.authfile)
+    if args.store_command == "init":
+        result = store.config(args.config).init_image(args.from_image, access)
+        for line in result.notes:
+            print(f"overlayfuse: {line}", file=sys.stderr)
+        print(f"overlayfuse: {result.line('imported', 'from ' + args.from_image)}",
+              file=sys.stderr)
+        return 0
+    if (args.tar is None) == (args.dest is None):
+        raise OverlayfuseError("export takes DEST or --tar FILE")
+    if args.tar is not None:
+        n = export_tar(store, args.config, args.tar, snapshot=args.snapshot)
+        print(f"overlayfuse: wrote {n} entries to {args.tar}", file=sys.stderr)
+        return 0
+    result = export_image(store, args.config, args.dest, snapshot=args.snapshot, access=access)
+    print(f"overlayfuse: {result.line('exported', 'to ' + args.dest)}", file=sys.stderr)
+    return 0

@@ -27,6 +27,7 @@ from ..validate import validate_mountpoint
 from . import catalog as cat
 from .copytree import copy_tree
 from .disk import TmpEntry, as_owner, make_layer_root, tree_size
+from .image import Access, Transfer, import_image
 from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
@@ -127,6 +128,21 @@ class Config:
                      (self.name, origin, time.time()))
         for ref in (cat.BASE, cat.CURRENT, cat.UPPER, POSTINIT):
             cat.set_ref(conn, self.name, ref, layer)
+
+    # -- from an OCI image (store init --from-image) ------------------------------------------
+
+    def init_image(self, src: str, access: Access = Access(),
+                   progress: Progress | None = None) -> Transfer:
+        """Create the config from the image ``src`` (containers-transports syntax): its
+        layers, in order, shared with the store's layers of the same chain ID; snapshot
+        ``postinit``.  Nothing is left behind when any check fails."""
+        conn = self.store.db(create=True)
+        self._refuse_existing(conn)
+
+        def hold(conn: sqlite3.Connection, top: str) -> None:
+            self._refuse_existing(conn)
+            self._create_rows(conn, f"image {src}", top)
+        return import_image(self.store, src, hold, access=access, progress=progress)
 
     @property
     def origin(self) -> str:
