@@ -94,14 +94,16 @@ def unmount(who: Who, mnt: Path) -> None:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[tuple[Who, Path]]:
-    """A config (a busybox tree) mounted writable through FUSE by ``store mount``."""
+@pytest.fixture(params=["plain", "writeback"])
+def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Who, Path]]:
+    """A config (a busybox tree) mounted writable through FUSE by ``store mount``; with the
+    kernel's writeback cache too, where a write is acknowledged before the daemon has it."""
     who = Who(None, tmp_path)
     who.init()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+    env = {"OVERLAYFUSE_WRITEBACK": "1"} if request.param == "writeback" else None
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt), env=env))
     try:
         yield who, mnt
     finally:
