@@ -170,6 +170,64 @@ def test_editor_writes_across_snapshot(mounted: tuple[Who, Path]) -> None:
         editor.wait()
 
 
+OPEN_FOR_WRITE = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)   # copies the frozen file up
+print("%.9f" % time.monotonic(), flush=True)
+os.pwrite(fd, b"X", 0)
+os.close(fd)
+"""
+BIG = 512 << 20
+
+
+def test_copy_up_in_flight(tmp_path: Path) -> None:
+    """A snapshot asked while a big copy-up runs (in a worker thread) waits for it: the copy
+    is never split between two uppers, and the open that caused it succeeds."""
+    who = Who(None, tmp_path)
+    who.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+    try:
+        with open(mnt / "big", "wb") as f:
+            chunk = b"y" * (1 << 20)
+            for _ in range(BIG >> 20):
+                f.write(chunk)
+        ok(ovf(who, "snapshot", "s0"))
+        work = who.base / "work" / refs(who)[cat.UPPER] / "work"
+        opener = subprocess.Popen([sys.executable, "-c", OPEN_FOR_WRITE, str(mnt / "big")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not os.listdir(work):   # the copy's temp file: the copy-up is under way
+                assert opener.poll() is None and time.monotonic() < deadline
+                time.sleep(0.001)
+            # from this process: no interpreter start between seeing the copy and the switch
+            store = LayerStore(str(who.base))
+            try:
+                asked = time.monotonic()
+                store.config("default").snapshot("s1")
+            finally:
+                store.close()
+            frozen = fingerprint(layer_dir(who, refs(who)["s1"]))
+            opened = float(opener.stdout.readline())
+            assert opener.wait(timeout=TIMEOUT) == 0
+            assert opened > asked, "the copy-up was over before the snapshot was asked"
+        finally:
+            opener.kill()
+            opener.wait()
+        # s1 holds the whole copy (the switch waited for it), never the write after it
+        copied = layer_dir(who, refs(who)["s1"]) / "big"
+        assert copied.stat().st_size == BIG
+        with open(copied, "rb") as f:
+            assert f.read(2) == b"yy"
+        with open(mnt / "big", "rb") as f:
+            assert f.read(2) == b"Xy"
+        assert fingerprint(layer_dir(who, refs(who)["s1"])) == frozen
+    finally:
+        unmount(who, mnt)
+
+
 WRITER = r"""
 import os, sys, time
 path, acks, stop = sys.argv[1], sys.argv[2], sys.argv[3]
