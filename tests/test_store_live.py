@@ -210,8 +210,9 @@ def test_copy_up_in_flight(tmp_path: Path) -> None:
             finally:
                 store.close()
             frozen = fingerprint(layer_dir(who, refs(who)["s1"]))
-            opened = float(opener.stdout.readline())
-            assert opener.wait(timeout=TIMEOUT) == 0
+            out, _ = opener.communicate(timeout=TIMEOUT)
+            assert opener.returncode == 0, "the open that copied the file up failed"
+            opened = float(out)
             assert opened > asked, "the copy-up was over before the snapshot was asked"
         finally:
             opener.kill()
