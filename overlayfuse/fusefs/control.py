@@ -25,10 +25,11 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+import pyfuse3
 import trio
 
 from .overlay import Overlay
-from .switch import Prepared, freeze
+from .switch import Prepared, freeze, replace
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"  # tests: the stage at which the daemon SIGKILLs itself
@@ -162,6 +163,8 @@ async def _handle(request: dict, fds: list[int], control: Control, ovl: Overlay,
     if op == "ping":
         return {"ok": True, "pid": os.getpid(), "upper": ovl.spec.upperdir,
                 "lowers": list(ovl.spec.lowerdirs), "held": sorted(control.held)}
+    if op == "replace":
+        return await _replace(request, fds, control, ovl, gate)
     if op != "freeze":
         raise ValueError(f"unknown request {op!r}")
     hold = [str(x) for x in request.get("hold", ())]
@@ -197,6 +200,52 @@ async def _handle(request: dict, fds: list[int], control: Control, ovl: Overlay,
         fcntl.flock(control.held[name], fcntl.LOCK_SH | fcntl.LOCK_NB)
     log.info("froze %s under %s", lowers[0], ovl.spec.upperdir)
     return {"ok": True, "upper": ovl.spec.upperdir}
+
+
+async def _replace(request: dict, fds: list[int], control: Control, ovl: Overlay,
+                   gate) -> dict:
+    """Serve another state: what the old upper held is dropped (the store removes it)."""
+    hold = [str(x) for x in request.get("hold", ())]
+    if len(hold) != len(fds):
+        raise ValueError(f"{len(fds)} descriptors for {len(hold)} names")
+    was = [str(x) for x in request["was"]]
+    if was != [ovl.spec.upperdir, *ovl.spec.lowerdirs]:
+        raise ValueError("the store's idea of this mount's layers is not the daemon's")
+    new = Prepared(ovl, str(request["upper"]), str(request["work"]),
+                   tuple(str(x) for x in request["lowers"]))
+    try:
+        _fault("received")
+        await gate.close()
+        try:
+            entries, kept = replace(ovl, new)
+            _fault("switched")
+        finally:
+            gate.open()
+    finally:
+        new.close()
+    old = control.held
+    control.held = dict(zip(hold, fds))
+    fds.clear()
+    for fd in old.values():
+        os.close(fd)
+    # the kernel forgets what it cached of the old state (outside the trio thread: a call
+    # waits for the requests on that dir, which need the loop)
+    await trio.to_thread.run_sync(_invalidate, entries, kept)
+    log.info("switched to %s on %d lowers", ovl.spec.upperdir, len(ovl.spec.lowerdirs))
+    return {"ok": True, "upper": ovl.spec.upperdir, "forgotten": len(entries)}
+
+
+def _invalidate(entries: list[tuple[int, bytes]], kept: list[int]) -> None:
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as e:  # ENOENT: the kernel holds no such entry
+            log.debug("entry %r not invalidated: %s", name, e)
+    for ino in kept:
+        try:
+            pyfuse3.invalidate_inode(ino, False)
+        except OSError as e:
+            log.debug("inode %d not invalidated: %s", ino, e)
 
 
 def _syncfs(path: str) -> None:

@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from . import falloc, transport
-from .copy_up import copy_up_async
+from .copy_up import copy_data, copy_up_async
 from .inodes import ROOT, Node
 from .layers import openat2_beneath
 from .overlay import Overlay
@@ -140,8 +140,13 @@ def adopt_fd(ovl: Overlay, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
 
 def _current_fd(ovl: Overlay, handle: FileHandle) -> int:
     node = handle.node
-    if handle.source != _source(ovl, node) and node.parent is not None:
-        fd = open_backing(ovl, node, handle.flags & ~os.O_TRUNC)
+    if handle.source != _source(ovl, node) and node.parent is not None \
+            and handle.source[0] != ORPHAN:
+        flags = handle.flags & ~os.O_TRUNC
+        if not node.upper and node.index is None:
+            # a switch left the file in a lower (file._writable_fd copies it up to write)
+            flags = flags & ~(os.O_ACCMODE | os.O_APPEND) | os.O_RDONLY
+        fd = open_backing(ovl, node, flags)
         os.close(handle.fd)
         handle.fd, handle.source = fd, _source(ovl, node)
     return handle.fd
@@ -151,14 +156,38 @@ def read(ovl: Overlay, fh: int, off: int, size: int) -> bytes:
     return os.pread(_current_fd(ovl, get_handle(fh)), size, off)
 
 
+ORPHAN = "orphan"  # a handle's source once its fd is a private copy (see _writable_fd)
+
+
 async def _writable_fd(ovl: Overlay, handle: FileHandle) -> int:
-    """The handle's fd for a change: one opened before a switch froze its upper copy copies
-    the file up into the new upper first (a frozen layer is never written again)."""
+    """The handle's fd for a change.  One opened before a switch (switch.py) may point into a
+    layer that is a lower now: a file that still has a name is copied up into the new upper
+    first (a frozen layer is never written again); one whose name went with the switch goes
+    on as an unlinked file, in a private copy that no layer holds."""
     node = handle.node
-    if handle.source != _source(ovl, node) and node.parent is not None:
+    current = handle.source == _source(ovl, node)
+    if handle.source[0] == ORPHAN or current and (node.upper or node.index is not None):
+        return handle.fd
+    if node.parent is not None or node.ino == ROOT:
         await copy_up_async(ovl, node)
         return _current_fd(ovl, handle)
-    return handle.fd
+    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=ovl.work_fd)
+    try:
+        src = os.open(f"/proc/self/fd/{handle.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(src)
+            copy_data(src, fd, st.st_size)
+        finally:
+            os.close(src)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, st.st_mode & 0o7777)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(handle.fd)
+    handle.fd, handle.source = fd, (ORPHAN, None, ovl.epoch)
+    return fd
 
 
 async def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:

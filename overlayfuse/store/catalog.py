@@ -67,7 +67,9 @@ CREATE TABLE IF NOT EXISTS failed (
 CREATE TABLE IF NOT EXISTS switches (
     config TEXT PRIMARY KEY REFERENCES configs(name),
     mountpoint TEXT NOT NULL,
+    kind TEXT NOT NULL,
     snapshot TEXT,
+    target TEXT,
     old TEXT NOT NULL,
     new TEXT NOT NULL,
     client TEXT NOT NULL,

@@ -32,7 +32,7 @@ from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
 from .store import LayerStore, check_name
-from .live import control_path, freeze, live_writer, prepare_run_dir
+from .live import control_path, freeze, live_writer, prepare_run_dir, replace
 from .use import take
 
 POSTINIT = "postinit"
@@ -186,6 +186,11 @@ class Config:
     def rollback(self, name: str) -> None:
         """Make snapshot ``name`` the current state; unsaved changes are dropped."""
         check_name(name, "snapshot")
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            replace(self.store, self.name, row, name)  # the mount shows the snapshot now
+            self.store.reap()
+            return
         with self.store.txn() as conn:
             self._busy_upper(conn, f"roll back to {name}")
             layer = cat.ref(conn, self.name, name)
@@ -198,6 +203,11 @@ class Config:
 
     def clean(self) -> None:
         """Drop the changes made since the current snapshot."""
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            replace(self.store, self.name, row, cat.CURRENT)
+            self.store.reap()
+            return
         with self.store.txn() as conn:
             self._busy_upper(conn, "clean")
             current = cat.ref(conn, self.name, cat.CURRENT)

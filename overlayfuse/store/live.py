@@ -126,9 +126,22 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
     """Freeze the upper of the FUSE mount ``row`` as snapshot ``name`` (see the module doc);
     the mount goes on with a fresh upper.  Raises when the daemon refuses (nothing changed)
     or dies (then the snapshot is taken, and the mount is dead: the message says so)."""
+    _switch(store, config, row, "freeze", name=name, force=force)
+
+
+def replace(store: LayerStore, config: str, row: MountRow, target: str) -> None:
+    """Switch the FUSE mount ``row`` to the state of the reference ``target`` (a snapshot
+    for a rollback, ``.current`` for a clean) with a fresh upper; the old upper's changes
+    are dropped."""
+    _switch(store, config, row, "replace", target=target)
+
+
+def _switch(store: LayerStore, config: str, row: MountRow, kind: str, *,
+            name: str | None = None, force: bool = False, target: str | None = None) -> None:
     layout, owner = store.layout, store.owner
     path = control_path(store, row.mountpoint)
-    _flush(row.mountpoint)
+    if kind == "freeze":
+        _flush(row.mountpoint)
     with TmpEntry(layout, "switch-" + os.urandom(6).hex()) as tmp:
         with store.txn() as conn:
             store.settle(conn)
@@ -141,29 +154,42 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
             if conn.execute("SELECT 1 FROM switches WHERE config=?", (config,)).fetchone():
                 raise OverlayfuseError(f"config {config!r} is being switched by another "
                                        "command")
+            if kind == "freeze":
+                parent, below = old, list(row.layers)
+            else:
+                parent = cat.ref(conn, config, target) if target else None
+                if parent is None:
+                    raise OverlayfuseError(f"no snapshot {target!r} in config {config!r}")
+                below = cat.chain(conn, parent)
             new = cat.new_layer_id()
-            locks = lock_all([(layout.lock(new), True)])
+            locks = lock_all([(layout.lock(new), True)]
+                             + ([(layout.lock(x), False) for x in below]
+                                if kind == "replace" else []))
             if locks is None:
-                raise OverlayfuseError(f"the lock of the fresh layer {new} is taken")
+                raise OverlayfuseError(f"the layers of config {config!r} are taken")
             try:
                 layer_dir, work_dir = (os.path.join(tmp.path, x) for x in ("layer", "work"))
-                make_layer_root(layer_dir, layout.layer(old), owner)
+                make_layer_root(layer_dir, layout.layer(parent), owner)
                 make_layer_root(work_dir, None, owner)
-                cat.add_layer(conn, new, old)
+                cat.add_layer(conn, new, parent)
                 cat.set_ref(conn, config, cat.NEXT, new)
-                conn.execute("INSERT INTO switches(config, mountpoint, snapshot, old, new, "
-                             "client, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (config, row.mountpoint, name, old, new, tmp.lock_path,
-                              time.time()))
+                conn.execute("INSERT INTO switches(config, mountpoint, kind, snapshot, target, "
+                             "old, new, client, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (config, row.mountpoint, kind, name, parent, old, new,
+                              tmp.lock_path, time.time()))
                 dest = layout.layer(new)
                 as_owner(lambda: os.rename(layer_dir, dest))
                 os.rename(work_dir, layout.work(new))
             except BaseException:
                 locks.release()
                 raise
-        request = {"op": "freeze", "upper": layout.layer(new), "work": layout.work(new),
-                   "lowers": [layout.layer(x) for x in row.layers], "hold": [new],
-                   "share": [old]}
+        request: dict = {"op": kind, "upper": layout.layer(new), "work": layout.work(new)}
+        if kind == "freeze":
+            request.update(lowers=[layout.layer(x) for x in row.layers], hold=[new],
+                           share=[old])
+        else:
+            request.update(was=[layout.layer(x) for x in row.layers],
+                           lowers=[layout.layer(x) for x in below], hold=[new, *below])
         gone: DaemonGone | None = None
         refused: OverlayfuseError | None = None
         try:
@@ -175,13 +201,14 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
         except OverlayfuseError as e:
             refused = e
         finally:
-            locks.release()  # the daemon holds its own copy once it switched
+            locks.release()  # the daemon holds its own copies once it switched
         with store.txn() as conn:
             store.finish_switch(conn, config, forward=refused is None)
     if refused is not None:
         raise refused
     if gone is not None:
-        what = f"snapshot {name!r} is taken" if name else "the upper is frozen"
+        what = {"freeze": f"snapshot {name!r} is taken" if name else "the upper is frozen",
+                "replace": f"config {config!r} is at {target}"}[kind]
         raise OverlayfuseError(f"{gone}: {what}, but the mount at {row.mountpoint} is dead "
                                f"(overlayfuse store umount {row.mountpoint}, then mount it "
                                "again)")

@@ -210,24 +210,24 @@ class LayerStore:
     # -- live switches (live.py) -------------------------------------------------------------
 
     def finish_switch(self, conn: sqlite3.Connection, config: str, forward: bool) -> None:
-        """Close the switch recorded for ``config``: ``forward`` the state after it (the old
-        upper frozen, as the snapshot if one was asked, the new one the upper), else the
-        state before (the new upper dropped)."""
-        row = conn.execute("SELECT mountpoint, snapshot, old, new FROM switches WHERE config=?",
-                           (config,)).fetchone()
+        """Close the switch recorded for ``config`` (live.py): ``forward`` the state after it,
+        else the state before (the new upper dropped).  After a freeze the old upper is
+        frozen (the snapshot, if one was asked, and ``.current``); after a replace (rollback,
+        clean) the target is ``.current`` and the old upper is dropped.  The new upper is
+        ``.upper`` either way, and the mount row lists its layers."""
+        row = conn.execute("SELECT mountpoint, kind, snapshot, target, old, new FROM switches "
+                           "WHERE config=?", (config,)).fetchone()
         if row is None:
             return
-        mnt, snap, old, new = row
+        mnt, kind, snap, target, old, new = row
         if forward:
+            current = old if kind == "freeze" else target
             if snap:
-                cat.set_ref(conn, config, snap, old)
-            cat.set_ref(conn, config, cat.CURRENT, old)
+                cat.set_ref(conn, config, snap, current)
+            cat.set_ref(conn, config, cat.CURRENT, current)
             cat.set_ref(conn, config, cat.UPPER, new)
-            layers = conn.execute("SELECT layers FROM mounts WHERE mountpoint=?",
-                                  (mnt,)).fetchone()
-            if layers is not None and layers[0].split()[:1] == [old]:
-                conn.execute("UPDATE mounts SET layers=? WHERE mountpoint=?",
-                             (" ".join([new, *layers[0].split()]), mnt))
+            conn.execute("UPDATE mounts SET layers=? WHERE mountpoint=? AND config=?",
+                         (" ".join(cat.chain(conn, new)), mnt, config))
         cat.drop_ref(conn, config, cat.NEXT)
         conn.execute("DELETE FROM switches WHERE config=?", (config,))
         cat.drop_unheld(conn)
