@@ -417,3 +417,81 @@ def test_another_user_cannot_switch(unprivileged: Unprivileged) -> None:
         assert (layer_dir(who, refs(who)["s1"]) / "f").read_text() == "x\n"
     finally:
         unmount(who, mnt)
+
+
+def all_fingerprints(who: Who, but: str | None = None) -> dict[str, str]:
+    """Every layer's fingerprint (``but`` the live upper)."""
+    return {x: fingerprint(layer_dir(who, x)) for x in os.listdir(who.base / "layers")
+            if x != but}
+
+
+@pytest.mark.parametrize("how", ["rollback", "clean"])
+def test_rollback_and_clean_while_in_use(mounted: tuple[Who, Path], how: str) -> None:
+    """The mount shows the target state at once (the kernel's caches told); a cwd inside
+    and open files keep working; a file gone with the switch goes on as an unlinked one."""
+    who, mnt = mounted
+    d = mnt / "d"
+    d.mkdir()
+    (d / "a").write_text("v1\n")
+    (d / "z").write_text("z\n")
+    # a file open for writing, frozen in s0, then unlinked: it lives on in no layer
+    unlinked = os.open(d / "w", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(unlinked, b"w1\n")
+    ok(ovf(who, "snapshot", "s0"))
+    s0 = refs(who)["s0"]
+    s0_print = fingerprint(layer_dir(who, s0))
+    (d / "w").unlink()
+    os.write(unlinked, b"w2\n")
+    ok(ovf(who, "snapshot", "s1"))
+    if how == "clean":       # clean returns to the current state: s1 plus what s2 adds
+        (d / "s2-only").write_text("s2\n")
+        ok(ovf(who, "snapshot", "s2"))
+    (d / "a").write_text("v2\n")
+    (d / "z").unlink()
+    (mnt / "e").mkdir()
+    identity = mount_identity(mnt)
+    cwd = os.getcwd()
+    os.chdir(d)
+    fds: list[int] = [unlinked]
+    try:
+        assert not os.path.exists("z")       # the kernel caches this miss
+        assert Path("a").read_text() == "v2\n"   # and a's pages
+        reader = os.open("a", os.O_RDONLY)
+        writer = os.open("a", os.O_WRONLY | os.O_APPEND)
+        gone = os.open("b", os.O_RDWR | os.O_CREAT, 0o644)
+        fds += [reader, writer, gone]
+        os.write(gone, b"before\n")
+        upper = refs(who)[cat.UPPER]
+        frozen = all_fingerprints(who, but=upper)
+        ok(ovf(who, how) if how == "clean" else ovf(who, "rollback", "s1"))
+        now = refs(who)
+        target = now["s1"] if how == "rollback" else now["s2"]
+        assert now[cat.CURRENT] == target and now[cat.UPPER] not in (upper, target)
+        assert not (who.base / "layers" / upper).exists()    # the old upper is gone
+        want = ["a", "z"] if how == "rollback" else ["a", "s2-only", "z"]
+        assert sorted(os.listdir(".")) == want            # the cwd shows the new state
+        assert sorted(os.listdir(d)) == want
+        assert not (mnt / "e").exists()
+        assert Path("a").read_text() == "v1\n" and Path("z").read_text() == "z\n"
+        assert os.pread(reader, 100, 0) == b"v1\n"        # as a new open sees it
+        os.write(writer, b"more\n")                       # copied up, then appended
+        assert (d / "a").read_text() == "v1\nmore\n"
+        os.write(gone, b"after\n")                        # an unlinked file: its own data
+        assert os.pread(gone, 100, 0) == b"before\nafter\n"
+        assert not (d / "b").exists()
+        Path("made").write_text("in cwd\n")
+        assert (d / "made").read_text() == "in cwd\n"
+        os.write(unlinked, b"w3\n")
+        assert os.pread(unlinked, 100, 0) == b"w1\nw2\nw3\n"
+        assert all_fingerprints(who, but=refs(who)[cat.UPPER]) == frozen
+        assert fingerprint(layer_dir(who, s0)) == s0_print
+        assert (layer_dir(who, s0) / "d" / "w").read_bytes() == b"w1\n"
+        assert mount_identity(mnt) == identity
+    finally:
+        for fd in fds:
+            os.close(fd)
+        os.chdir(cwd)
+    check_consistent(who)
+    ok(ovf(who, "snapshot", "s3"))
+    shown = ok(ovf(who, "run", "--snapshot", "s3", "--", "ls", "/d"))
+    assert shown.split() == sorted(want + ["made"])
