@@ -319,21 +319,35 @@ def check_consistent(who: Who) -> None:
     assert on_disk == known
 
 
-@pytest.mark.parametrize("who_dies,stage,after", [
-    ("daemon", "received", True), ("daemon", "synced", True), ("daemon", "switched", True),
-    ("command", "recorded", False), ("command", "replied", True)])
-def test_killed_during_a_switch(tmp_path: Path, who_dies: str, stage: str, after: bool) -> None:
+@pytest.mark.parametrize("op,who_dies,stage,after", [
+    ("snapshot", "daemon", "received", True), ("snapshot", "daemon", "synced", True),
+    ("snapshot", "daemon", "switched", True), ("snapshot", "command", "recorded", False),
+    ("snapshot", "command", "replied", True),
+    ("rollback", "daemon", "received", True), ("rollback", "daemon", "switched", True),
+    ("rollback", "command", "recorded", False), ("rollback", "command", "replied", True)])
+def test_killed_during_a_switch(tmp_path: Path, op: str, who_dies: str, stage: str,
+                                after: bool) -> None:
+    """SIGKILL at each stage of a switch: the store is in the state before or after it (the
+    daemon's death leaves the old upper complete: after), gc finds it whole, and the mount
+    (mounted again if its daemon died) goes on."""
     who = Who(None, tmp_path)
     who.init()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     fault = {FAULT_ENV: stage}
-    ok(ovf(who, "mount", "--backend", "fuse", str(mnt),
-           env=fault if who_dies == "daemon" else None))
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
     try:
         (mnt / "kept").write_text("written before\n")
+        ok(ovf(who, "snapshot", "s0"))
+        (mnt / "later").write_text("after s0\n")
         old_upper = refs(who)[cat.UPPER]
-        r = ovf(who, "snapshot", "s1", env=fault if who_dies == "command" else None)
+        s0 = refs(who)["s0"]
+        args = ("snapshot", "s1") if op == "snapshot" else ("rollback", "s0")
+        if who_dies == "daemon":   # its daemon is to die at the stage: mounted with the fault
+            unmount(who, mnt)
+            ok(ovf(who, "mount", "--backend", "fuse", str(mnt), env=fault))
+            old_upper = refs(who)[cat.UPPER]
+        r = ovf(who, *args, env=fault if who_dies == "command" else None)
         assert r.returncode != 0
         if who_dies == "command":
             assert r.returncode == -signal.SIGKILL
@@ -341,14 +355,20 @@ def test_killed_during_a_switch(tmp_path: Path, who_dies: str, stage: str, after
             assert "is dead" in r.stderr, r.stderr
         check_consistent(who)
         now = refs(who)
-        if after:   # the state after: the old upper is s1 and current, a fresh upper on top
+        if op == "snapshot" and after:   # the old upper is s1 and current, a fresh upper on it
             assert now["s1"] == now[cat.CURRENT] == old_upper != now[cat.UPPER]
-            assert (layer_dir(who, now["s1"]) / "kept").read_text() == "written before\n"
+            assert (layer_dir(who, now["s1"]) / "later").read_text() == "after s0\n"
+        elif op == "rollback" and after:   # s0 is current, a fresh upper on it
+            assert now[cat.CURRENT] == s0 and now[cat.UPPER] not in (old_upper, s0)
+            assert not (who.base / "layers" / old_upper).exists()
         else:       # the state before
             assert "s1" not in now and now[cat.UPPER] == old_upper
         if who_dies == "daemon":
             unmount(who, mnt)
             ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+        # the mount shows the state the catalog says: "later" went with a rollback
+        shown = (mnt / "later").read_text() if (mnt / "later").exists() else None
+        assert shown == (None if op == "rollback" and after else "after s0\n")
         assert (mnt / "kept").read_text() == "written before\n"
         (mnt / "more").write_text("after the kill\n")
         ok(ovf(who, "snapshot", "s2"))
