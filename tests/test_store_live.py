@@ -515,3 +515,40 @@ def test_rollback_and_clean_while_in_use(mounted: tuple[Who, Path], how: str) ->
     ok(ovf(who, "snapshot", "s3"))
     shown = ok(ovf(who, "run", "--snapshot", "s3", "--", "ls", "/d"))
     assert shown.split() == sorted(want + ["made"])
+
+
+def test_kernel_mount_remounts_when_idle(tmp_path: Path) -> None:
+    """The kernel backend cannot switch layers under a mount: a snapshot (and a rollback)
+    unmounts, does it and mounts again at the same path when nothing holds the mount, and
+    otherwise fails naming who holds it, with nothing changed."""
+    who = Who(None, tmp_path)
+    who.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(ovf(who, "mount", "--backend", "kernel", str(mnt)))
+    try:
+        (mnt / "f").write_text("one\n")
+        ok(ovf(who, "snapshot", "s1"))
+        assert mount_identity(mnt)           # mounted again (a new mount, as it must be)
+        assert (layer_dir(who, refs(who)["s1"]) / "f").read_text() == "one\n"
+        (mnt / "f").write_text("two\n")
+        holder = subprocess.Popen(["sleep", "600"], cwd=mnt)
+        try:
+            before = refs(who)
+            r = ovf(who, "snapshot", "s2")
+            assert r.returncode != 0
+            assert f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
+            r = ovf(who, "rollback", "s1")
+            assert r.returncode != 0 and f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
+            assert refs(who) == before and (mnt / "f").read_text() == "two\n"
+        finally:
+            holder.kill()
+            holder.wait()
+        ok(ovf(who, "rollback", "s1"))
+        assert (mnt / "f").read_text() == "one\n"
+        fstype = [line.split(" - ")[1].split()[0] for line in
+                  Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(mnt)]
+        assert fstype == ["overlay"]
+    finally:
+        unmount(who, mnt)

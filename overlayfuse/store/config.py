@@ -7,12 +7,14 @@ layer.  Every operation is one transaction, then the disk follows (``LayerStore.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import sys
 import time
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from ..backends import Mount
 from ..backends.choose import choose
@@ -22,6 +24,7 @@ from ..probe import signals_unwind, unmount_fuse
 from ..sandbox import Bind, CommandError, plan_ids, run_as_mapped_root
 from ..sandbox.rootfs import check_tree_path
 from ..spec import OverlaySpec
+from .. import sysmount
 from ..sysmount.fsinfo import is_mountpoint
 from ..validate import validate_mountpoint
 from . import catalog as cat
@@ -31,8 +34,8 @@ from .image import Access, Transfer, import_image
 from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
-from .store import LayerStore, check_name
-from .live import control_path, freeze, live_writer, prepare_run_dir, replace
+from .store import LayerStore, MountRow, check_name
+from .live import control_path, freeze, holders, live_writer, prepare_run_dir, replace
 from .use import take
 
 POSTINIT = "postinit"
@@ -162,6 +165,32 @@ class Config:
             raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is {why}")
         return upper
 
+    @contextmanager
+    def _remounted(self, row: MountRow, doing: str) -> Iterator[None]:
+        """The kernel cannot swap an overlay's layers: unmount when nothing holds the mount,
+        let the operation run, mount again at the same path (also when it failed)."""
+        mnt = row.mountpoint
+        busy = holders(mnt)
+        if not busy:
+            try:
+                sysmount.umount2(mnt)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise OverlayfuseError(f"cannot {doing}: unmounting {mnt}: "
+                                           f"{e.strerror}") from None
+                busy = holders(mnt) or [(0, "a mount below it, or a process just gone")]
+        if busy:
+            who = ", ".join(f"pid {pid} ({cmd})" if pid else cmd for pid, cmd in busy)
+            raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is mounted at {mnt} "
+                                   f"by the kernel, which cannot switch layers under a mount, "
+                                   f"and it is in use by {who}")
+        with self.store.txn() as conn:
+            conn.execute("DELETE FROM mounts WHERE mountpoint=?", (mnt,))
+        try:
+            yield
+        finally:
+            self.mount(mnt, "kernel")
+
     def snapshot(self, name: str, force: bool = False) -> "Snapshot":
         """Freeze the current upper as ``name``; it becomes the current state.  An existing
         ``name`` is refused, or moved with ``force`` (as ``build --tag``)."""
@@ -172,6 +201,9 @@ class Config:
             freeze(self.store, self.name, row, name, force)
             self.store.reap()
             return Snapshot(self, name)
+        if row is not None and row.backend == "kernel":
+            with self._remounted(row, f"snapshot {name}"):
+                return self.snapshot(name, force)
         with self.store.txn() as conn:
             upper = self._busy_upper(conn, f"snapshot {name}")
             if cat.ref(conn, self.name, name) is not None and not force:
@@ -191,6 +223,9 @@ class Config:
             replace(self.store, self.name, row, name)  # the mount shows the snapshot now
             self.store.reap()
             return
+        if row is not None and row.backend == "kernel":
+            with self._remounted(row, f"roll back to {name}"):
+                return self.rollback(name)
         with self.store.txn() as conn:
             self._busy_upper(conn, f"roll back to {name}")
             layer = cat.ref(conn, self.name, name)
@@ -208,6 +243,9 @@ class Config:
             replace(self.store, self.name, row, cat.CURRENT)
             self.store.reap()
             return
+        if row is not None and row.backend == "kernel":
+            with self._remounted(row, "clean"):
+                return self.clean()
         with self.store.txn() as conn:
             self._busy_upper(conn, "clean")
             current = cat.ref(conn, self.name, cat.CURRENT)

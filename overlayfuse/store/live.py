@@ -214,6 +214,34 @@ def _switch(store: LayerStore, config: str, row: MountRow, kind: str, *,
                                "again)")
 
 
+def holders(mountpoint: str) -> list[tuple[int, str]]:
+    """(pid, command) of the processes that hold ``mountpoint``: a cwd, a root, an open file
+    or a mapped file inside it (what keeps the kernel from unmounting it)."""
+    inside = mountpoint.rstrip("/") + "/"
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            links = [os.readlink(f"/proc/{pid}/{x}") for x in ("cwd", "root")]
+            fds = f"/proc/{pid}/fd"
+            for fd in os.listdir(fds):
+                try:
+                    links.append(os.readlink(f"{fds}/{fd}"))
+                except OSError:
+                    pass
+            with open(f"/proc/{pid}/maps") as maps:
+                links += [line.split(None, 5)[5].strip() for line in maps
+                          if len(line.split(None, 5)) == 6]
+            if any(x == mountpoint or x.startswith(inside) for x in links):
+                with open(f"/proc/{pid}/comm") as comm:
+                    out.append((pid, comm.read().strip()))
+        except OSError:
+            continue  # gone, or not ours to read
+    return sorted(out)
+
+
 def _fault(stage: str) -> None:
     if os.environ.get(FAULT_ENV) == stage:
         os.kill(os.getpid(), signal.SIGKILL)
