@@ -37,11 +37,11 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="these tests run as r
 FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"
 
 
-def ovf(who: Who, *args: str, env: dict[str, str] | None = None
-        ) -> subprocess.CompletedProcess[str]:
+def ovf(who: Who, *args: str, env: dict[str, str] | None = None,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
     """``overlayfuse store`` as root, with extra environment (a fault to inject)."""
     return subprocess.run([sys.executable, "-m", "overlayfuse", "store", "--base",
-                           str(who.base), *args], capture_output=True, text=True,
+                           str(who.base), *args], capture_output=True, text=True, input=input,
                           timeout=TIMEOUT, cwd=who.home,
                           env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
 
@@ -552,3 +552,47 @@ def test_kernel_mount_remounts_when_idle(tmp_path: Path) -> None:
         assert fstype == ["overlay"]
     finally:
         unmount(who, mnt)
+
+
+RUN_STEP = ("echo one > /step1 && sleep 1 && echo two > /step2 && "
+            "while [ ! -e /go-on ]; do sleep 0.05; done && cat /from-ide > /seen")
+
+
+def test_run_and_build_beside_the_mount(mounted: tuple[Who, Path]) -> None:
+    """``store run`` works in the mounted tree itself: its changes show in the mount as they
+    happen, and it sees the IDE's; ``--snapshot`` runs on a snapshot; ``build`` runs its
+    steps in their own layers and the mount switches to the result."""
+    who, mnt = mounted
+    (mnt / "from-ide").write_text("edited\n")
+    run = subprocess.Popen([sys.executable, "-m", "overlayfuse", "store", "--base",
+                            str(who.base), "run", "--", "sh", "-c", RUN_STEP],
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=who.home,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (mnt / "step1").exists():     # the first step shows while the run goes on
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.02)
+        assert (mnt / "step1").read_text() == "one\n" and not (mnt / "step2").exists()
+        (mnt / "go-on").touch()
+        out, err = run.communicate(timeout=TIMEOUT)
+        assert run.returncode == 0, err
+    finally:
+        run.kill()
+        run.wait()
+    assert (mnt / "step2").read_text() == "two\n" and (mnt / "seen").read_text() == "edited\n"
+    assert not (mnt / "proc").exists() and not (mnt / "dev").exists()  # the run's, taken out
+    ok(ovf(who, "snapshot", "s1"))
+    assert ok(ovf(who, "run", "--snapshot", "s1", "--", "cat", "/step2")) == "two\n"
+    assert ok(ovf(who, "shell", input="cat /seen\n")) == "edited\n"
+    r = ovf(who, "run", "--writable", "--", "sh", "-c", "echo x > /thrown && cat /step1")
+    assert r.returncode == 0 and r.stdout == "one\n", r.stderr
+    assert not (mnt / "thrown").exists()
+    steps = who.home / "steps"
+    steps.write_text("echo built > /built\n")
+    r = subprocess.run([sys.executable, "-m", "overlayfuse", "build", "--base", str(who.base),
+                        "--tag", "b1", str(steps)], capture_output=True, text=True,
+                       timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "built").read_text() == "built\n"          # the mount shows the result
+    assert refs(who)["b1"] == refs(who)[cat.CURRENT] != refs(who)[cat.UPPER]

@@ -396,6 +396,31 @@ class Config:
         for vol in overlays:
             vol.check()
         check_tree_path(tree_cwd(cwd), f"working directory {cwd}")
+        row = live_writer(self.store, self.name) if snapshot is None else None
+        if row is not None and row.backend == "fuse" and writable:
+            # a throwaway upper on the mounted tree itself (the kernel's overlayfs takes a
+            # FUSE mount as a lower): the run sees what the mount shows when it starts
+            with signals_unwind(), TmpEntry(self.store.layout,
+                                            "run-" + os.urandom(6).hex()) as tmp:
+                up, work = os.path.join(tmp.path, "upper"), os.path.join(tmp.path, "work")
+                make_layer_root(up, row.mountpoint, self.store.owner)
+                make_layer_root(work, None, self.store.owner)
+                spec = OverlaySpec(lowerdirs=(row.mountpoint,), upperdir=up, workdir=work,
+                                   options=self.store.options)
+                return run_rooted(self.store, spec, argv, backend=backend, binds=binds,
+                                  overlays=overlays, network=network, cwd=cwd, env=env,
+                                  verbose=verbose, map_root=map_root)
+        if row is not None and row.backend == "fuse":
+            # the config is mounted: the command runs in that very tree, through its daemon
+            with signals_unwind():
+                try:
+                    return run_rooted(self.store, OverlaySpec(lowerdirs=(row.mountpoint,)),
+                                      argv, backend=backend,
+                                      binds=binds, overlays=overlays, network=network,
+                                      cwd=cwd, env=env, keep_upper=True, verbose=verbose,
+                                      map_root=map_root, live=row.mountpoint)
+                finally:
+                    self.store.reap()
         with signals_unwind():
             use = take(self.store, self.name, mode="upper" if keep else "throwaway",
                        snapshot=snapshot, row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
@@ -427,12 +452,17 @@ class Config:
         if kwargs.get("failed"):
             self.failed_step()   # a clear error before anything is taken
         snapshot = cat.FAILED if kwargs.get("failed") else kwargs.get("snapshot")
-        use = take(self.store, self.name, mode="readonly",
-                   snapshot=snapshot)  # type: ignore[arg-type]
-        try:
-            shell = root_shell(use.spec)
-        finally:
-            use.release()
+        row = None if snapshot or kwargs.get("writable") else live_writer(self.store,
+                                                                          self.name)
+        if row is not None and row.backend == "fuse":
+            shell = root_shell(OverlaySpec(lowerdirs=(row.mountpoint,)))  # the live tree
+        else:
+            use = take(self.store, self.name, mode="readonly",
+                       snapshot=snapshot)  # type: ignore[arg-type]
+            try:
+                shell = root_shell(use.spec)
+            finally:
+                use.release()
         try:
             return self.run([shell], **kwargs)  # type: ignore[arg-type]
         except CommandError as e:

@@ -129,15 +129,17 @@ def freeze(store: LayerStore, config: str, row: MountRow, name: str | None,
     _switch(store, config, row, "freeze", name=name, force=force)
 
 
-def replace(store: LayerStore, config: str, row: MountRow, target: str) -> None:
+def replace(store: LayerStore, config: str, row: MountRow, target: str | None,
+            layer: str | None = None) -> None:
     """Switch the FUSE mount ``row`` to the state of the reference ``target`` (a snapshot
-    for a rollback, ``.current`` for a clean) with a fresh upper; the old upper's changes
-    are dropped."""
-    _switch(store, config, row, "replace", target=target)
+    for a rollback, ``.current`` for a clean) or of ``layer`` (a build's result) with a
+    fresh upper; the old upper's changes are dropped."""
+    _switch(store, config, row, "replace", target=target, layer=layer)
 
 
 def _switch(store: LayerStore, config: str, row: MountRow, kind: str, *,
-            name: str | None = None, force: bool = False, target: str | None = None) -> None:
+            name: str | None = None, force: bool = False, target: str | None = None,
+            layer: str | None = None) -> None:
     layout, owner = store.layout, store.owner
     path = control_path(store, row.mountpoint)
     if kind == "freeze":
@@ -157,7 +159,8 @@ def _switch(store: LayerStore, config: str, row: MountRow, kind: str, *,
             if kind == "freeze":
                 parent, below = old, list(row.layers)
             else:
-                parent = cat.ref(conn, config, target) if target else None
+                parent = layer if layer in cat.layer_ids(conn) else \
+                    cat.ref(conn, config, target) if target else None
                 if parent is None:
                     raise OverlayfuseError(f"no snapshot {target!r} in config {config!r}")
                 below = cat.chain(conn, parent)
@@ -208,7 +211,7 @@ def _switch(store: LayerStore, config: str, row: MountRow, kind: str, *,
         raise refused
     if gone is not None:
         what = {"freeze": f"snapshot {name!r} is taken" if name else "the upper is frozen",
-                "replace": f"config {config!r} is at {target}"}[kind]
+                "replace": f"config {config!r} is at {target or layer}"}[kind]
         raise OverlayfuseError(f"{gone}: {what}, but the mount at {row.mountpoint} is dead "
                                f"(overlayfuse store umount {row.mountpoint}, then mount it "
                                "again)")
