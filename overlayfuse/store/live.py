@@ -35,10 +35,10 @@ from .locks import lock_all
 from .store import LayerStore, MountRow
 
 _libc = ctypes.CDLL(None, use_errno=True)
-REPLY_TIMEOUT = 600.0
+REPLY_TIMEOUT = 600.0  # s: a switch waits for the requests in flight, a syncfs for the disk
 # tests: the stage at which a process SIGKILLs itself (fusefs/control.py reads it in the
 # daemon: received, synced, switched; here, in the command: recorded, replied)
-FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"  # s: a switch waits for the requests in flight, a syncfs for the disk
+FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"
 
 
 class DaemonGone(OverlayfuseError):
