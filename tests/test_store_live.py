@@ -118,6 +118,7 @@ fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 os.write(fd, b"before\n")
 print("wrote", flush=True)
 sys.stdin.readline()
+assert os.pread(fd, 7, 0) == b"before\n"   # a read first: the handle now reads the frozen copy
 os.write(fd, b"after\n")
 with open("made-in-cwd", "w") as f:   # the cwd still works
     f.write("cwd\n")
