@@ -230,6 +230,45 @@ def test_copy_up_in_flight(tmp_path: Path) -> None:
         unmount(who, mnt)
 
 
+def test_copy_up_raced_by_a_setattr(tmp_path: Path) -> None:
+    """A file open for writing across a snapshot is copied up at its next change: a big copy
+    runs in a worker thread, and a setattr (the writeback cache sends them for the times)
+    copies up at once meanwhile.  The slow copy must not then replace the one that took the
+    change: the times set stay, in the upper itself."""
+    who = Who(None, tmp_path)
+    who.init()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ok(ovf(who, "mount", "--backend", "fuse", str(mnt)))
+    try:
+        with open(mnt / "big", "wb") as f:
+            chunk = b"y" * (1 << 20)
+            for _ in range(BIG >> 20):
+                f.write(chunk)
+        ok(ovf(who, "snapshot", "s0"))
+        upper = refs(who)[cat.UPPER]
+        work = who.base / "work" / upper / "work"
+        opener = subprocess.Popen([sys.executable, "-c", OPEN_FOR_WRITE, str(mnt / "big")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not os.listdir(work):   # the slow copy is under way
+                assert opener.poll() is None and time.monotonic() < deadline
+                time.sleep(0.001)
+            os.utime(mnt / "big", (1234567, 1234567))   # copies up at once
+            out, _ = opener.communicate(timeout=TIMEOUT)
+            assert opener.returncode == 0, "the open that copied the file up failed"
+        finally:
+            opener.kill()
+            opener.wait()
+        st = os.stat(layer_dir(who, upper) / "big")
+        assert st.st_atime == 1234567 and st.st_size == BIG   # (the write moved the mtime)
+        with open(mnt / "big", "rb") as f:
+            assert f.read(2) == b"Xy"
+    finally:
+        unmount(who, mnt)
+
+
 WRITER = r"""
 import os, sys, time
 path, acks, stop = sys.argv[1], sys.argv[2], sys.argv[3]
