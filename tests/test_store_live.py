@@ -394,6 +394,8 @@ def test_killed_during_a_switch(tmp_path: Path, op: str, who_dies: str, stage: s
         else:
             assert "is dead" in r.stderr, r.stderr
         check_consistent(who)
+        if who_dies == "daemon":   # gc took the dead daemon's socket out
+            assert not list((who.base / "run").iterdir())
         now = refs(who)
         if op == "snapshot" and after:   # the old upper is s1 and current, a fresh upper on it
             assert now["s1"] == now[cat.CURRENT] == old_upper != now[cat.UPPER]

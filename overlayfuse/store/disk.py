@@ -11,6 +11,7 @@ interrupts is either in the catalog, or in ``tmp/`` without a live lock, or an u
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -49,6 +50,11 @@ class Layout:
 
     def sub(self, name: str) -> str:
         return os.path.join(self.base, name)
+
+    def control(self, mountpoint: str) -> str:
+        """The control socket of the daemon serving ``mountpoint`` (store/live.py)."""
+        digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+        return os.path.join(self.base, "run", digest + ".sock")
 
     def create(self, owner: tuple[int, int] | None) -> None:
         """Make the base and its subdirs (mode 0755; given to ``owner`` when we are root)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import ctypes
-import hashlib
 import json
 import os
 import signal
@@ -47,8 +46,7 @@ class DaemonGone(OverlayfuseError):
 
 def control_path(store: LayerStore, mountpoint: str) -> str:
     """The socket of the daemon serving ``mountpoint`` (derived from the mounts row's key)."""
-    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
-    return os.path.join(store.layout.sub("run"), digest + ".sock")
+    return store.layout.control(mountpoint)
 
 
 def prepare_run_dir(store: LayerStore) -> None:

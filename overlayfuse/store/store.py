@@ -294,6 +294,16 @@ class LayerStore:
                         failed.append(f"cannot remove {old}: {e.strerror or e}")
                         continue
                     dead.append(grave)
+            # the sockets of daemons that are gone (a killed one leaves its socket)
+            sockets = {self.layout.control(r.mountpoint) for r in rows}
+            run = self.layout.sub("run")
+            for name in os.listdir(run) if os.path.isdir(run) else ():
+                path = os.path.join(run, name)
+                if name.endswith(".sock") and path not in sockets:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
             for name in os.listdir(self.layout.sub("locks")):
                 path = self.layout.lock(name)
                 if name not in known and not is_locked(path):
