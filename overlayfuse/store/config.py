@@ -335,6 +335,12 @@ class Config:
         """Mount the current state writable on ``target`` (a snapshot: read-only); the handle
         unmounts. The layers stay locked for as long as the mount lives, in any process."""
         target = os.path.realpath(target)
+        conn = self.store.db()
+        dead = conn.execute("SELECT backend FROM mounts WHERE mountpoint=?", (target,)).fetchone()
+        if dead is not None and dead[0] == "fuse" and is_mountpoint(target) and \
+                not any(r.mountpoint == target for r in self.store.mount_rows(conn)):
+            # a mount of ours whose daemon was killed: taken down first (as store umount)
+            unmount_recorded(self.store, target)
         use = take(self.store, self.name, mode="readonly" if snapshot else "upper", row=target,
                    snapshot=snapshot)
         try:
