@@ -573,6 +573,11 @@ def test_kernel_mount_remounts_when_idle(tmp_path: Path) -> None:
         assert mount_identity(mnt)           # mounted again (a new mount, as it must be)
         assert (layer_dir(who, refs(who)["s1"]) / "f").read_text() == "one\n"
         (mnt / "f").write_text("two\n")
+        # runs work in the mounted tree, or on a throwaway upper over it
+        ok(ovf(who, "run", "--", "sh", "-c", "echo run >> /f"))
+        assert ok(ovf(who, "run", "--writable", "--", "sh", "-c", "echo x >> /f; cat /f")) \
+            == "two\nrun\nx\n"
+        assert (mnt / "f").read_text() == "two\nrun\n"
         holder = subprocess.Popen(["sleep", "600"], cwd=mnt)
         try:
             before = refs(who)
@@ -581,12 +586,19 @@ def test_kernel_mount_remounts_when_idle(tmp_path: Path) -> None:
             assert f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
             r = ovf(who, "rollback", "s1")
             assert r.returncode != 0 and f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
-            assert refs(who) == before and (mnt / "f").read_text() == "two\n"
+            assert refs(who) == before and (mnt / "f").read_text() == "two\nrun\n"
         finally:
             holder.kill()
             holder.wait()
         ok(ovf(who, "rollback", "s1"))
         assert (mnt / "f").read_text() == "one\n"
+        steps = who.home / "steps"
+        steps.write_text("echo built > /built\n")
+        r = subprocess.run([sys.executable, "-m", "overlayfuse", "build", "--base",
+                            str(who.base), str(steps)], capture_output=True, text=True,
+                           timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "built").read_text() == "built\n"    # mounted again on the result
         fstype = [line.split(" - ")[1].split()[0] for line in
                   Path("/proc/self/mountinfo").read_text().splitlines()
                   if line.split()[4] == str(mnt)]

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import sys
 import time
+from contextlib import nullcontext
 from typing import Mapping, Sequence
 
 from ..errors import OverlayfuseError
@@ -118,20 +119,24 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
         _say(f"{label} ran     {key[:12]}  in {took:.1f} s")
         _give(remote, store, layer, key)
     row = live_writer(store, config.name)
-    with store.txn() as conn:
-        if row is None or row.backend != "fuse":
-            config._busy_upper(conn, "set the build result")
-        if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
-            raise OverlayfuseError(f"snapshot {tag!r} was made in config {config.name!r} "
-                                   "while building (--force moves it to the result)")
-        if row is None or row.backend != "fuse":
-            cat.set_ref(conn, config.name, cat.CURRENT, layer)
-            cat.set_ref(conn, config.name, cat.UPPER, layer)
-        if moved:
-            cat.set_ref(conn, config.name, cat.BASE, base)
-        if tag is not None:
-            cat.set_ref(conn, config.name, tag, layer)
-        cat.drop_unheld(conn)
+    # a kernel mount cannot switch layers: unmounted and mounted again when idle
+    remount = config.remounted(row, "set the build result") \
+        if row is not None and row.backend == "kernel" else nullcontext()
+    with remount:
+        with store.txn() as conn:
+            if row is None or row.backend != "fuse":
+                config._busy_upper(conn, "set the build result")
+            if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
+                raise OverlayfuseError(f"snapshot {tag!r} was made in config {config.name!r} "
+                                       "while building (--force moves it to the result)")
+            if row is None or row.backend != "fuse":
+                cat.set_ref(conn, config.name, cat.CURRENT, layer)
+                cat.set_ref(conn, config.name, cat.UPPER, layer)
+            if moved:
+                cat.set_ref(conn, config.name, cat.BASE, base)
+            if tag is not None:
+                cat.set_ref(conn, config.name, tag, layer)
+            cat.drop_unheld(conn)
     if row is not None and row.backend == "fuse":
         # the config is mounted: the mount switches to the result, as a rollback to it
         # (the steps ran in their own layers: what they key must not hold the IDE's edits)

@@ -166,7 +166,7 @@ class Config:
         return upper
 
     @contextmanager
-    def _remounted(self, row: MountRow, doing: str) -> Iterator[None]:
+    def remounted(self, row: MountRow, doing: str) -> Iterator[None]:
         """The kernel cannot swap an overlay's layers: unmount when nothing holds the mount,
         let the operation run, mount again at the same path (also when it failed)."""
         mnt = row.mountpoint
@@ -202,7 +202,7 @@ class Config:
             self.store.reap()
             return Snapshot(self, name)
         if row is not None and row.backend == "kernel":
-            with self._remounted(row, f"snapshot {name}"):
+            with self.remounted(row, f"snapshot {name}"):
                 return self.snapshot(name, force)
         with self.store.txn() as conn:
             upper = self._busy_upper(conn, f"snapshot {name}")
@@ -224,7 +224,7 @@ class Config:
             self.store.reap()
             return
         if row is not None and row.backend == "kernel":
-            with self._remounted(row, f"roll back to {name}"):
+            with self.remounted(row, f"roll back to {name}"):
                 return self.rollback(name)
         with self.store.txn() as conn:
             self._busy_upper(conn, f"roll back to {name}")
@@ -244,7 +244,7 @@ class Config:
             self.store.reap()
             return
         if row is not None and row.backend == "kernel":
-            with self._remounted(row, "clean"):
+            with self.remounted(row, "clean"):
                 return self.clean()
         with self.store.txn() as conn:
             self._busy_upper(conn, "clean")
@@ -403,9 +403,9 @@ class Config:
             vol.check()
         check_tree_path(tree_cwd(cwd), f"working directory {cwd}")
         row = live_writer(self.store, self.name) if snapshot is None else None
-        if row is not None and row.backend == "fuse" and writable:
+        if row is not None and writable:
             # a throwaway upper on the mounted tree itself (the kernel's overlayfs takes a
-            # FUSE mount as a lower): the run sees what the mount shows when it starts
+            # FUSE mount, or its own, as a lower): the run sees what the mount shows
             with signals_unwind(), TmpEntry(self.store.layout,
                                             "run-" + os.urandom(6).hex()) as tmp:
                 up, work = os.path.join(tmp.path, "upper"), os.path.join(tmp.path, "work")
@@ -416,8 +416,8 @@ class Config:
                 return run_rooted(self.store, spec, argv, backend=backend, binds=binds,
                                   overlays=overlays, network=network, cwd=cwd, env=env,
                                   verbose=verbose, map_root=map_root)
-        if row is not None and row.backend == "fuse":
-            # the config is mounted: the command runs in that very tree, through its daemon
+        if row is not None and row.backend in ("fuse", "kernel"):
+            # the config is mounted: the command runs in that very tree, seen there at once
             with signals_unwind():
                 try:
                     return run_rooted(self.store, OverlaySpec(lowerdirs=(row.mountpoint,)),
@@ -458,9 +458,8 @@ class Config:
         if kwargs.get("failed"):
             self.failed_step()   # a clear error before anything is taken
         snapshot = cat.FAILED if kwargs.get("failed") else kwargs.get("snapshot")
-        row = None if snapshot or kwargs.get("writable") else live_writer(self.store,
-                                                                          self.name)
-        if row is not None and row.backend == "fuse":
+        row = None if snapshot else live_writer(self.store, self.name)
+        if row is not None and row.backend in ("fuse", "kernel"):
             shell = root_shell(OverlaySpec(lowerdirs=(row.mountpoint,)))  # the live tree
         else:
             use = take(self.store, self.name, mode="readonly",
