@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic",
-                "overlayfuse-zero", "overlayfuse-writeback", "raw")
+                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-b", "raw")
 REFS = ("kernel", "fuse-overlayfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "f-o", "overlayfuse": "ofs",
          "overlayfuse-classic": "ofs-c", "overlayfuse-zero": "ofs-z",
-         "overlayfuse-writeback": "ofs-wb", "raw": "raw"}
+         "overlayfuse-writeback": "ofs-wb", "overlayfuse-b": "ofs-b", "raw": "raw"}
 
 
 def _order(names: list[str]) -> list[str]:
@@ -178,7 +178,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
                        lambda k, s: summary[k]["systems"][s]["median"]))
     colors = {"kernel": "#4c72b0", "fuse-overlayfs": "#dd8452", "overlayfuse": "#c44e52",
               "overlayfuse-classic": "#8172b3", "overlayfuse-zero": "#937860",
-              "overlayfuse-writeback": "#da8bc3", "raw": "#55a868"}
+              "overlayfuse-writeback": "#da8bc3", "overlayfuse-b": "#8c8c8c", "raw": "#55a868"}
     height = max(4.0, 0.32 * len(keys) * max(1, max(len(p[1]) for p in panels)) / 2 + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), height), squeeze=False)
     for ax, (title, shown, get) in zip(axes[0], panels):

@@ -411,7 +411,21 @@ class OverlayfuseWriteback(Overlayfuse):
         return {"OVERLAYFUSE_WRITEBACK": "1"}
 
 
+class OverlayfuseB(Overlayfuse):
+    """A second overlayfuse beside the first, for a before/after in one run: the command in
+    ``$OVERLAYFUSE_BENCH_CMD_B`` (e.g. the same checkout with another pyfuse3 on PYTHONPATH).
+    Run only when named in --systems."""
+
+    name = "overlayfuse-b"
+    default = False
+    ENV = "OVERLAYFUSE_BENCH_CMD_B"
+
+    def available(self) -> str | None:
+        return super().available() if os.environ.get(self.ENV) else f"${self.ENV} not set"
+
+
 ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
                                                OverlayfuseClassic(), OverlayfuseZero(),
-                                               OverlayfuseWriteback(), Raw())}
+                                               OverlayfuseWriteback(), OverlayfuseB(),
+                                               Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")

@@ -117,13 +117,18 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     ovl.changed(node)
     chown = disk_owner(ovl, attr, fields)
     fd = upper_handle_fd(ovl, fh) if fh is not None else -1
+    if (fd < 0 and ovl.config.writeback and node.parent is None and node.ino != ROOT
+            and not node.upper and _times_only(fields)):
+        # the writeback cache's kernel passing on the times it keeps (fuse_flush_times, also
+        # after an unlink or a rename over the file): a lower file with no name left has
+        # nothing to keep them on (a copy would have no name either, and would show the
+        # copy's link count), and an error here would come back from a close
+        return getattr_node(ovl, node)
     if fd < 0 and node.parent is None and ovl.inofiles is not None:
         fd = ovl.inofiles.upper_fd(node)  # a nameless file: only its pinned fd reaches it
     if (fd < 0 and ovl.config.writeback and node.parent is None and node.ino != ROOT
             and _times_only(fields)):
-        # the writeback cache's kernel passing on the times it keeps (fuse_flush_times, also
-        # after an unlink or a rename over the file): a file with no name left and no upper
-        # fd has nothing to keep them on, and an error here would come back from a close
+        # the same for a nameless upper file that no fd reaches
         return getattr_node(ovl, node)
     if fd < 0:
         copy_up(ovl, node)

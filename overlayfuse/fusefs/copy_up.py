@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from .. import format as fmt
-from . import index, origin, override
+from . import durable, index, origin, override
 from .inodes import Node
 from .overlay import Overlay
 
@@ -100,15 +100,18 @@ class _CopyJob:
     @property
     def slow(self) -> bool:
         """Worth a worker thread: a big copy, or any copy that ends in an fsync (milliseconds
-        on a disk, during which the loop could serve everyone else)."""
-        return self.src >= 0 and (self.st.st_size >= LARGE_COPY or not self.ovl.spec.volatile)
+        on a disk, during which the loop could serve everyone else).  A small copy made
+        durable by ``sync_file_range`` on a journalled upper (durable.py) stays inline: the
+        hop to a thread would cost more than the write."""
+        return self.src >= 0 and (self.st.st_size >= LARGE_COPY
+                                  or self.ovl.copy_sync == durable.FSYNC)
 
     def copy_data(self) -> None:
         if self.src < 0:
             return
         copy_data(self.src, self.dst, self.st.st_size)
-        if not self.ovl.spec.volatile:
-            os.fsync(self.dst)  # as the kernel: the copy is durable before it replaces the lower
+        # as the kernel: the copy is durable before it replaces the lower (not with volatile)
+        durable.make_durable(self.dst, self.ovl.copy_sync)
 
     def finish(self) -> None:
         ovl, node, st, work = self.ovl, self.node, self.st, self.ovl.work_fd

@@ -13,7 +13,7 @@ from .. import format as fmt
 from ..errors import OverlayfuseError
 from ..idmap import Owners, owners_from_options
 from ..spec import OverlaySpec
-from . import inuse, origin
+from . import durable, inuse, origin
 from .record import UpperRecord
 from .inodes import ROOT, InodeTable, Node
 from .layers import DirFds, Layer, join, open_layers, openat2_beneath, split
@@ -78,6 +78,9 @@ class Overlay:
         self._xino = len(devs) > 1
         self.record = UpperRecord(self.upper.root_fd if self.upper else -1, self.prefix,
                                   durable=not spec.volatile)
+        # how a copy-up is made durable before its rename (durable.py); volatile: not at all
+        self.copy_sync = (durable.mode_of(self.upper.root_fd)
+                          if self.upper is not None and not spec.volatile else durable.NONE)
         self.work_fd = -1
         self.index_fd = -1
         self.claims: list[int] = []

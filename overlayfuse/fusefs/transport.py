@@ -20,7 +20,9 @@ A fourth patch adds ``Operations.fallocate``: fallocate(2) then reaches the uppe
 kernel's overlay.  Stock pyfuse3 has no such handler, libfuse answers ENOSYS and callers get
 EOPNOTSUPP (the kernel never asks again); nothing else changes.  A fifth lets the daemon decline
 the kernel's asynchronous direct I/O, so that the kernel drops the pages a direct write made
-stale itself (file.py says what stock pyfuse3 costs there).
+stale itself (file.py says what stock pyfuse3 costs there).  A sixth changes only the request
+loop (no API): an idle daemon waits for the next request in poll() instead of a round trip
+through trio, and a second reader task starts only when a handler suspends.
 """
 from __future__ import annotations
 
