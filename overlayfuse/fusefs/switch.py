@@ -1,6 +1,7 @@
-"""Switching the layers of a live mount: freeze the upper under a fresh one (a snapshot).
+"""Switching the layers of a live mount: ``freeze`` the upper under a fresh one (a snapshot),
+or ``replace`` the whole stack (a rollback, a clean: see its docstring).
 
-The merged tree does not change: every entry the upper held is found, from now on, in the
+In a freeze the merged tree does not change: every entry the upper held is found, from now on, in the
 same place of the frozen layer, which becomes the top lower (index 1); the old lowers move
 down by one.  So the inode table keeps every node id the kernel knows, and only where each
 node lives is rewritten: an upper node becomes a lower one at its upper path, a lower one
