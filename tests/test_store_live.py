@@ -323,9 +323,11 @@ def test_writers_during_twenty_snapshots(mounted: tuple[Who, Path], tmp_path: Pa
                         # in any order: only what came before the command is whole
                         lines = data.split(b"\n")[:acked]
                     else:
-                        # one request per record: whole records, in order, none missing
-                        assert data.endswith(b"\n") or not data, name
-                        lines = data.splitlines()
+                        # whole records, in order, none missing; a write still in progress
+                        # may be cut where the kernel cut it into requests: at a page it does
+                        # not hold (each request itself is applied whole)
+                        assert data.endswith(b"\n") or len(data) % 4096 == 0, name
+                        lines = data.split(b"\n")[:data.count(b"\n")]
                     records = [tuple(map(float, line.split())) for line in lines]
                     assert [int(r[0]) for r in records] == list(range(len(records))), name
                     # every record acknowledged before the snapshot began is in it
