@@ -70,8 +70,14 @@ def test_round_trip_as_root(tmp_path: Path) -> None:
         (mnt / "etc/conf").write_text("v2\n")
         os.unlink(mnt / "hello-link")
         before = disk_state(base)
-        one_line_error(store(base, "snapshot", "s1"), f"mounted writable at {mnt}")
-        one_line_error(store(base, "rollback", "postinit"), f"mounted writable at {mnt}")
+        # a kernel mount cannot switch layers: a snapshot remounts it, unless in use
+        held = os.open(mnt / "hello", os.O_RDONLY)
+        try:
+            holder = f"in use by pid {os.getpid()}"
+            one_line_error(store(base, "snapshot", "s1"), holder)
+            one_line_error(store(base, "rollback", "postinit"), holder)
+        finally:
+            os.close(held)
         one_line_error(store(base, "mount", str(mnt2)), f"mounted writable at {mnt}")
         assert disk_state(base) == before
     finally:
@@ -232,7 +238,8 @@ def test_a_killed_daemon_frees_the_layers_and_umount_takes_its_mount_down(tmp_pa
     (mnt / "f").write_text("f")
     pid = LayerStore(str(base)).mount_rows(LayerStore(str(base)).db())[0].pid
     assert pid is not None
-    one_line_error(store(base, "snapshot", "s"), f"mounted writable at {mnt}")
+    ok(store(base, "snapshot", "live"))              # through the daemon: it stays mounted
+    assert (mnt / "f").read_text() == "f"
     os.kill(pid, 9)                                  # the daemon held the lock: now nobody
     from mounts import wait_gone
     assert wait_gone(pid)

@@ -70,13 +70,17 @@ class FuseBackend(Backend):
         return run_probe(probe_dir_for(spec)).verdict(self.name, purpose)
 
     def mount(self, spec: OverlaySpec, target: str, *,
-              fuse_options: Sequence[str] | None = None, debug: bool = False) -> Mount:
+              fuse_options: Sequence[str] | None = None, debug: bool = False,
+              control: tuple[str, dict[str, int]] | None = None) -> Mount:
         """Start the daemon in the background; returns once the mount is ready.  Without
         ``fuse_options``, those of a plain ``overlayfuse mount`` (as root: allow_other, dev,
-        suid, so that every user sees it, as a kernel overlay)."""
+        suid, so that every user sees it, as a kernel overlay).  ``control``: (socket path,
+        {name: lock fd}): where the daemon takes requests to switch layers, and the lock fds
+        it holds, by name, until a switch replaces them (fusefs/control.py)."""
         if fuse_options is None:
             fuse_options = fuse_mount_options()
         try:
+            from ..fusefs.control import Control
             from ..fusefs.daemon import mount_fuse
         except ImportError as e:
             raise OverlayfuseError(f"the FUSE daemon cannot load: {e}") from None
@@ -84,7 +88,8 @@ class FuseBackend(Backend):
         pid = None
         try:
             with deferred_signals():  # a signal must not fall between mount and handle
-                pid = mount_fuse(spec, target, fuse_options=fuse_options, debug=debug)
+                pid = mount_fuse(spec, target, fuse_options=fuse_options, debug=debug,
+                                 control=Control(*control) if control else None)
         except BaseException:
             if pid is not None:
                 unmount_fuse(target, pid)

@@ -184,6 +184,11 @@ async def copy_up_async(ovl: Overlay, node: Node) -> None:
             with _CopyJob(ovl, node, parent, name) as job:
                 if job.slow:
                     await trio.to_thread.run_sync(job.copy_data)
+                    if node.upper or node.index is not None:
+                        # a change that copies up at once (a setattr: the writeback cache
+                        # sends one for the times) came meanwhile: its copy is the file now
+                        # (renaming this one over it would lose what was written to it)
+                        return
                 else:
                     job.copy_data()
                 job.finish()

@@ -21,6 +21,7 @@ from ..spec import OverlaySpec
 from ..survey import adapt
 from ..sysmount.fsinfo import topmost_mount
 from . import atime, export, index, transport
+from .control import Control, serve_control
 from .ops import OverlayOperations
 from .overlay import Config, Overlay
 
@@ -33,18 +34,19 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
                fuse_options: Sequence[str] = (), debug: bool = False,
-               with_caller: bool = False) -> int:
+               with_caller: bool = False, control: Control | None = None) -> int:
     """Mount ``spec`` at ``mountpoint`` with the FUSE backend.
 
     Foreground: serve until unmounted and return 0.  Background: return the daemon's PID once
     the mount is ready; raise OverlayfuseError if it could not be mounted.  The spec is
     first adapted to the layers (survey.adapt: userxattr for a user's layers mounted by root).
     ``with_caller``: the mount goes when this process ends, however it ends (a trial mount
-    whose prober is SIGKILLed must not stay behind).
+    whose prober is SIGKILLed must not stay behind).  ``control``: listen there for
+    requests to switch layers (control.py), holding its lock fds.
     """
     spec = adapt(spec, "fuse")
     if foreground:
-        serve(spec, mountpoint, fuse_options, debug, ready_fd=None)
+        serve(spec, mountpoint, fuse_options, debug, ready_fd=None, control=control)
         return 0
     read_end, write_end = os.pipe()
     caller = os.getpid()
@@ -59,7 +61,8 @@ def mount_fuse(spec: OverlaySpec, mountpoint: str, *, foreground: bool = False,
                 os._exit(0)
             os.write(write_end, b"%d\n" % os.getpid())
             _detach(debug)
-            serve(spec, mountpoint, fuse_options, debug, ready_fd=write_end, caller_fd=caller_fd)
+            serve(spec, mountpoint, fuse_options, debug, ready_fd=write_end,
+                  caller_fd=caller_fd, control=control)
             os._exit(0)
         except BaseException as e:  # noqa: BLE001 - everything must reach the parent
             _report(write_end, e)
@@ -122,7 +125,8 @@ def raise_readahead(target: str) -> None:
 
 
 def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug: bool,
-          ready_fd: int | None, caller_fd: int | None = None) -> None:
+          ready_fd: int | None, caller_fd: int | None = None,
+          control: Control | None = None) -> None:
     """Mount and run the request loop in this process until unmounted or signalled, or until
     the process behind the pidfd ``caller_fd`` ends."""
     os.umask(0)  # the kernel already applied the caller's umask
@@ -150,20 +154,30 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         zero_opens = False
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
     log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
+    if control is not None:
+        try:
+            control.listen()
+        except OSError as e:
+            ovl.close()
+            raise OverlayfuseError(f"cannot listen on {control.path}: {e.strerror}") from None
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         try:
             pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
         except RuntimeError as e:
             ovl.close()
+            if control is not None:
+                control.close()
             raise OverlayfuseError(f"cannot mount {mountpoint}: {e}") from None
         ops.after_init = lambda: raise_readahead(target)
         try:
             if ready_fd is not None:
                 os.write(ready_fd, _READY)
                 os.close(ready_fd)
-            trio.run(_main, caller_fd)
+            trio.run(_main, caller_fd, control, ovl, ops)
         finally:
+            if control is not None:
+                control.close()
             pyfuse3.close(unmount=True)
             export.save_names(ovl)
             ovl.close()
@@ -174,9 +188,12 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-async def _main(caller_fd: int | None) -> None:
+async def _main(caller_fd: int | None, control: Control | None, ovl: Overlay,
+                ops: OverlayOperations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        if control is not None:
+            nursery.start_soon(serve_control, control, ovl, ops.gate)
         if caller_fd is not None:
             nursery.start_soon(_stop_with_caller, caller_fd)
         await pyfuse3.main()

@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from . import falloc, transport
-from .copy_up import copy_up_async
+from .copy_up import copy_data, copy_up_async
 from .inodes import ROOT, Node
 from .layers import openat2_beneath
 from .overlay import Overlay
@@ -39,8 +39,10 @@ _handles: dict[int, FileHandle] = {}
 _next_fh = itertools.count(1)
 
 
-def _source(node: Node) -> tuple:
-    return (node.upper, node.index)
+def _source(ovl: Overlay, node: Node) -> tuple:
+    """Where a handle's fd points: the upper copy or an index entry, in this layer stack (a
+    switch (switch.py) freezes the upper: a handle opened before then points into a lower)."""
+    return (node.upper, node.index, ovl.epoch)
 
 
 def _register(ovl: Overlay, handle: FileHandle) -> int:
@@ -61,7 +63,7 @@ def get_handle(fh: int) -> FileHandle:
 def upper_handle_fd(ovl: Overlay, fh: int) -> int:
     """The handle's fd if it points at the upper copy, else -1 (see attrs.setattr_node)."""
     handle = _handles.get(fh)
-    if handle is None or not handle.source[0]:
+    if handle is None or not handle.source[0] or handle.source[2] != ovl.epoch:
         return -1
     return handle.fd
 
@@ -128,20 +130,25 @@ async def open_node(ovl: Overlay, node: Node, flags: int) -> pyfuse3.FileInfo:
         if flags & os.O_TRUNC:
             ovl.changed(node)
     fd = open_backing(ovl, node, flags)
-    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
+    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(ovl, node))))
 
 
 def adopt_fd(ovl: Overlay, node: Node, fd: int, flags: int) -> pyfuse3.FileInfo:
     """A handle for an fd made by create()."""
-    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(node))))
+    return file_info(ovl, _register(ovl, FileHandle(node, fd, flags, _source(ovl, node))))
 
 
 def _current_fd(ovl: Overlay, handle: FileHandle) -> int:
     node = handle.node
-    if handle.source != _source(node) and node.parent is not None:
-        fd = open_backing(ovl, node, handle.flags & ~os.O_TRUNC)
+    if handle.source != _source(ovl, node) and node.parent is not None \
+            and handle.source[0] != ORPHAN:
+        flags = handle.flags & ~os.O_TRUNC
+        if not node.upper and node.index is None:
+            # a switch left the file in a lower (file._writable_fd copies it up to write)
+            flags = flags & ~(os.O_ACCMODE | os.O_APPEND) | os.O_RDONLY
+        fd = open_backing(ovl, node, flags)
         os.close(handle.fd)
-        handle.fd, handle.source = fd, _source(node)
+        handle.fd, handle.source = fd, _source(ovl, node)
     return handle.fd
 
 
@@ -149,10 +156,45 @@ def read(ovl: Overlay, fh: int, off: int, size: int) -> bytes:
     return os.pread(_current_fd(ovl, get_handle(fh)), size, off)
 
 
+ORPHAN = "orphan"  # a handle's source once its fd is a private copy (see _writable_fd)
+
+
+async def _writable_fd(ovl: Overlay, handle: FileHandle) -> int:
+    """The handle's fd for a change.  One opened before a switch (switch.py) may point into a
+    layer that is a lower now: a file that still has a name is copied up into the new upper
+    first (a frozen layer is never written again); one whose name went with the switch goes
+    on as an unlinked file, in a private copy that no layer holds."""
+    node = handle.node
+    current = handle.source == _source(ovl, node)
+    if handle.source[0] == ORPHAN or current and (node.upper or node.index is not None):
+        return handle.fd
+    if node.parent is not None or node.ino == ROOT:
+        await copy_up_async(ovl, node)
+        return _current_fd(ovl, handle)
+    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=ovl.work_fd)
+    try:
+        src = os.open(f"/proc/self/fd/{handle.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(src)
+            copy_data(src, fd, st.st_size)
+        finally:
+            os.close(src)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, st.st_mode & 0o7777)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(handle.fd)
+    handle.fd, handle.source = fd, (ORPHAN, None, ovl.epoch)
+    return fd
+
+
 async def write(ovl: Overlay, fh: int, off: int, buf: bytes) -> int:
     handle = get_handle(fh)
+    fd = await _writable_fd(ovl, handle)
     handle.node.st = None
-    written = os.pwrite(handle.fd, buf, off)
+    written = os.pwrite(fd, buf, off)
     if handle.flags & _O_DIRECT and not transport.declines_async_dio():
         await _drop_page_cache(handle.node.ino)
     return written
@@ -163,8 +205,9 @@ async def fallocate(ovl: Overlay, fh: int, mode: int, offset: int, length: int) 
     which the open copied up, so the fd is the upper copy's.  The kernel updates its cached
     size and drops the punched pages itself once we reply (fs/fuse/file.c)."""
     handle = get_handle(fh)
+    fd = await _writable_fd(ovl, handle)
     handle.node.st = None
-    await falloc.fallocate(handle.fd, mode, offset, length)
+    await falloc.fallocate(fd, mode, offset, length)
 
 
 DROP_WAIT = 0.1  # s a direct write waits for the drop of its stale pages before replying

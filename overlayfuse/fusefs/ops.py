@@ -17,6 +17,7 @@ import trio
 
 from . import attrs, dir as dirops, export, file as fileops, readdir as readdirops, xattrs
 from .inodes import ROOT
+from .gate import Gate
 from .inofiles import InodeFiles
 from .namei import lookup
 from .overlay import Overlay
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 def _errors(handler):
     @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        gate = self.gate
+        await gate.enter()
         try:
-            return await handler(*args, **kwargs)
+            return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -36,6 +39,8 @@ def _errors(handler):
         except Exception:
             log.exception("unexpected error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            gate.leave()
     return wrapper
 
 
@@ -56,6 +61,7 @@ class OverlayOperations(pyfuse3.Operations):
                  ) -> None:
         super().__init__()
         self.ovl = ovl
+        self.gate = Gate()  # a layer switch (switch.py) waits for the running requests
         # as root, POSIX ACLs are honoured as on the kernel's overlay: the kernel checks them
         # (default_permissions is on anyway), the backing layers store and inherit them
         self.enable_acl = ovl.config.as_root and ovl.config.acl

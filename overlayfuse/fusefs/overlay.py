@@ -93,6 +93,7 @@ class Overlay:
                 inuse.release(self.claims)
                 raise
         self.handles_by_ino: dict[int, list] = {}  # open files and dirs (each has an fd)
+        self.epoch = 0  # layer stacks served so far (switch.py): a handle knows its stack
         self.inofiles = None  # inofiles.InodeFiles with zero-message opens (set by ops)
         # an entry the kernel holds that loses a name keeps an O_PATH fd until FORGET
         # (keep_reachable); with zero-message dirs (pin_dirs: no OPENDIR) every directory
@@ -325,9 +326,11 @@ class Overlay:
         name is gone is still reached.  ``writable_layer``: only one into the upper layer
         (a read-only handle may point into a lower, which must never change)."""
         for handle in self.handles_by_ino.get(node.ino, ()):
-            source = getattr(handle, "source", None)  # file handles: (upper?, index name)
+            # file handles: (upper?, index name, epoch); a switch since makes it a lower's
+            source = getattr(handle, "source", None)
             if handle.fd >= 0 and (not writable_layer
-                                   or source is not None and (source[0] or source[1])):
+                                   or source is not None and (source[0] or source[1])
+                                   and source[2] == self.epoch):
                 return handle.fd
         pinned = self.pinned.get(node.ino, -1) if self.pinned else -1
         if pinned >= 0 and (not writable_layer or node.upper or node.index is not None):

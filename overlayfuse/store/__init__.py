@@ -18,6 +18,7 @@ Floors, bottom up; a module imports only from the floors below it (tests/test_fl
     store        the catalog-level LayerStore: opening, who uses a layer, reap and gc
     buildcache   ``build --list`` and ``gc --build-cache``: the cached steps, and pruning them
     use          taking layers for a mount or a run: spec, locks, catalog record
+    live         a mounted config's snapshot through its FUSE daemon's control socket
     image        ``store export``, ``init --from-image``: layers out and in as OCI images
     remotecache  a build's steps taken from and given to a registry (``--cache-from/-to``)
     rooted       a command with a use's tree as ``/`` (through ``overlayfuse.sandbox``)

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import sys
 import time
+from contextlib import nullcontext
 from typing import Mapping, Sequence
 
 from ..errors import OverlayfuseError
@@ -30,6 +31,8 @@ from . import catalog as cat
 from .config import Config
 from .disk import as_owner, is_empty_dir
 from .identity import chain_identity
+from .live import live_writer
+from .live import replace as live_replace
 from .remotecache import RemoteCache
 from .rooted import Network, run_rooted
 from .stepcopy import copy_digest, copy_step
@@ -115,18 +118,29 @@ def build(config: Config, stepfile: str, *, from_dir: str | None = None,
         ran += 1
         _say(f"{label} ran     {key[:12]}  in {took:.1f} s")
         _give(remote, store, layer, key)
-    with store.txn() as conn:
-        config._busy_upper(conn, "set the build result")
-        if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
-            raise OverlayfuseError(f"snapshot {tag!r} was made in config {config.name!r} "
-                                   "while building (--force moves it to the result)")
-        cat.set_ref(conn, config.name, cat.CURRENT, layer)
-        cat.set_ref(conn, config.name, cat.UPPER, layer)
-        if moved:
-            cat.set_ref(conn, config.name, cat.BASE, base)
-        if tag is not None:
-            cat.set_ref(conn, config.name, tag, layer)
-        cat.drop_unheld(conn)
+    row = live_writer(store, config.name)
+    # a kernel mount cannot switch layers: unmounted and mounted again when idle
+    remount = config.remounted(row, "set the build result") \
+        if row is not None and row.backend == "kernel" else nullcontext()
+    with remount:
+        with store.txn() as conn:
+            if row is None or row.backend != "fuse":
+                config._busy_upper(conn, "set the build result")
+            if tag is not None and not force and cat.ref(conn, config.name, tag) is not None:
+                raise OverlayfuseError(f"snapshot {tag!r} was made in config {config.name!r} "
+                                       "while building (--force moves it to the result)")
+            if row is None or row.backend != "fuse":
+                cat.set_ref(conn, config.name, cat.CURRENT, layer)
+                cat.set_ref(conn, config.name, cat.UPPER, layer)
+            if moved:
+                cat.set_ref(conn, config.name, cat.BASE, base)
+            if tag is not None:
+                cat.set_ref(conn, config.name, tag, layer)
+            cat.drop_unheld(conn)
+    if row is not None and row.backend == "fuse":
+        # the config is mounted: the mount switches to the result, as a rollback to it
+        # (the steps ran in their own layers: what they key must not hold the IDE's edits)
+        live_replace(store, config.name, row, None, layer)
     store.reap()
     _say(f"built {config.name}: {len(steps)} steps, {ran} ran, {cached} cached"
          + (f", {pulled} pulled" if remote.cache_from else "") + f"; key {key}"

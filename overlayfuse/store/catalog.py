@@ -19,6 +19,8 @@ SCHEMA_VERSION = "1"
 # special references of a config; snapshot names cannot start with a dot.  ``.failed`` holds
 # the partial result of the step that failed in the config's last build (``failed`` says which)
 UPPER, CURRENT, BASE, FAILED = ".upper", ".current", ".base", ".failed"
+# the fresh upper a live mount is being switched to (see ``switches``), held while it is
+NEXT = ".next"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +62,17 @@ CREATE TABLE IF NOT EXISTS failed (
     number INTEGER NOT NULL,
     text TEXT NOT NULL,
     env TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS switches (
+    config TEXT PRIMARY KEY REFERENCES configs(name),
+    mountpoint TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    snapshot TEXT,
+    target TEXT,
+    old TEXT NOT NULL,
+    new TEXT NOT NULL,
+    client TEXT NOT NULL,
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS mounts (

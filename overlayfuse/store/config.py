@@ -7,12 +7,14 @@ layer.  Every operation is one transaction, then the disk follows (``LayerStore.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 import sys
 import time
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from ..backends import Mount
 from ..backends.choose import choose
@@ -22,6 +24,7 @@ from ..probe import signals_unwind, unmount_fuse
 from ..sandbox import Bind, CommandError, plan_ids, run_as_mapped_root
 from ..sandbox.rootfs import check_tree_path
 from ..spec import OverlaySpec
+from .. import sysmount
 from ..sysmount.fsinfo import is_mountpoint
 from ..validate import validate_mountpoint
 from . import catalog as cat
@@ -31,7 +34,8 @@ from .image import Access, Transfer, import_image
 from .progress import Progress
 from .tarimport import import_tar
 from .rooted import Network, OverlayVolume, root_shell, run_rooted, shell_error, tree_cwd
-from .store import LayerStore, check_name
+from .store import LayerStore, MountRow, check_name
+from .live import control_path, freeze, holders, live_writer, prepare_run_dir, replace
 from .use import take
 
 POSTINIT = "postinit"
@@ -161,10 +165,45 @@ class Config:
             raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is {why}")
         return upper
 
+    @contextmanager
+    def remounted(self, row: MountRow, doing: str) -> Iterator[None]:
+        """The kernel cannot swap an overlay's layers: unmount when nothing holds the mount,
+        let the operation run, mount again at the same path (also when it failed)."""
+        mnt = row.mountpoint
+        busy = holders(mnt)
+        if not busy:
+            try:
+                sysmount.umount2(mnt)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise OverlayfuseError(f"cannot {doing}: unmounting {mnt}: "
+                                           f"{e.strerror}") from None
+                busy = holders(mnt) or [(0, "a mount below it, or a process just gone")]
+        if busy:
+            who = ", ".join(f"pid {pid} ({cmd})" if pid else cmd for pid, cmd in busy)
+            raise OverlayfuseError(f"cannot {doing}: config {self.name!r} is mounted at {mnt} "
+                                   f"by the kernel, which cannot switch layers under a mount, "
+                                   f"and it is in use by {who}")
+        with self.store.txn() as conn:
+            conn.execute("DELETE FROM mounts WHERE mountpoint=?", (mnt,))
+        try:
+            yield
+        finally:
+            self.mount(mnt, "kernel")
+
     def snapshot(self, name: str, force: bool = False) -> "Snapshot":
         """Freeze the current upper as ``name``; it becomes the current state.  An existing
         ``name`` is refused, or moved with ``force`` (as ``build --tag``)."""
         check_name(name, "snapshot")
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            # the mount stays: its daemon freezes the upper and goes on with a fresh one
+            freeze(self.store, self.name, row, name, force)
+            self.store.reap()
+            return Snapshot(self, name)
+        if row is not None and row.backend == "kernel":
+            with self.remounted(row, f"snapshot {name}"):
+                return self.snapshot(name, force)
         with self.store.txn() as conn:
             upper = self._busy_upper(conn, f"snapshot {name}")
             if cat.ref(conn, self.name, name) is not None and not force:
@@ -179,6 +218,14 @@ class Config:
     def rollback(self, name: str) -> None:
         """Make snapshot ``name`` the current state; unsaved changes are dropped."""
         check_name(name, "snapshot")
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            replace(self.store, self.name, row, name)  # the mount shows the snapshot now
+            self.store.reap()
+            return
+        if row is not None and row.backend == "kernel":
+            with self.remounted(row, f"roll back to {name}"):
+                return self.rollback(name)
         with self.store.txn() as conn:
             self._busy_upper(conn, f"roll back to {name}")
             layer = cat.ref(conn, self.name, name)
@@ -191,6 +238,14 @@ class Config:
 
     def clean(self) -> None:
         """Drop the changes made since the current snapshot."""
+        row = live_writer(self.store, self.name)
+        if row is not None and row.backend == "fuse":
+            replace(self.store, self.name, row, cat.CURRENT)
+            self.store.reap()
+            return
+        if row is not None and row.backend == "kernel":
+            with self.remounted(row, "clean"):
+                return self.clean()
         with self.store.txn() as conn:
             self._busy_upper(conn, "clean")
             current = cat.ref(conn, self.name, cat.CURRENT)
@@ -280,6 +335,12 @@ class Config:
         """Mount the current state writable on ``target`` (a snapshot: read-only); the handle
         unmounts. The layers stay locked for as long as the mount lives, in any process."""
         target = os.path.realpath(target)
+        conn = self.store.db()
+        dead = conn.execute("SELECT backend FROM mounts WHERE mountpoint=?", (target,)).fetchone()
+        if dead is not None and dead[0] == "fuse" and is_mountpoint(target) and \
+                not any(r.mountpoint == target for r in self.store.mount_rows(conn)):
+            # a mount of ours whose daemon was killed: taken down first (as store umount)
+            unmount_recorded(self.store, target)
         use = take(self.store, self.name, mode="readonly" if snapshot else "upper", row=target,
                    snapshot=snapshot)
         try:
@@ -290,7 +351,14 @@ class Config:
             if chosen.name == "kernel":
                 # recorded first: once mounted, nothing but this row holds the layers
                 use.record(chosen.name, None)
-            inner = chosen.mount(use.spec, target)
+            if chosen.name == "fuse" and not snapshot:
+                # a writable FUSE mount takes snapshots without unmounting (live.py)
+                prepare_run_dir(self.store)
+                control = (control_path(self.store, target),
+                           dict(zip(use.layers, use.locks.fds)))
+                inner = chosen.mount(use.spec, target, control=control)  # type: ignore
+            else:
+                inner = chosen.mount(use.spec, target)
             use.record(chosen.name, inner.pid)
         except BaseException:
             use.release()
@@ -334,6 +402,31 @@ class Config:
         for vol in overlays:
             vol.check()
         check_tree_path(tree_cwd(cwd), f"working directory {cwd}")
+        row = live_writer(self.store, self.name) if snapshot is None else None
+        if row is not None and writable:
+            # a throwaway upper on the mounted tree itself (the kernel's overlayfs takes a
+            # FUSE mount, or its own, as a lower): the run sees what the mount shows
+            with signals_unwind(), TmpEntry(self.store.layout,
+                                            "run-" + os.urandom(6).hex()) as tmp:
+                up, work = os.path.join(tmp.path, "upper"), os.path.join(tmp.path, "work")
+                make_layer_root(up, row.mountpoint, self.store.owner)
+                make_layer_root(work, None, self.store.owner)
+                spec = OverlaySpec(lowerdirs=(row.mountpoint,), upperdir=up, workdir=work,
+                                   options=self.store.options)
+                return run_rooted(self.store, spec, argv, backend=backend, binds=binds,
+                                  overlays=overlays, network=network, cwd=cwd, env=env,
+                                  verbose=verbose, map_root=map_root)
+        if row is not None and row.backend in ("fuse", "kernel"):
+            # the config is mounted: the command runs in that very tree, seen there at once
+            with signals_unwind():
+                try:
+                    return run_rooted(self.store, OverlaySpec(lowerdirs=(row.mountpoint,)),
+                                      argv, backend=backend,
+                                      binds=binds, overlays=overlays, network=network,
+                                      cwd=cwd, env=env, keep_upper=True, verbose=verbose,
+                                      map_root=map_root, live=row.mountpoint)
+                finally:
+                    self.store.reap()
         with signals_unwind():
             use = take(self.store, self.name, mode="upper" if keep else "throwaway",
                        snapshot=snapshot, row=f"run:{os.getpid()}:{os.urandom(4).hex()}")
@@ -365,12 +458,16 @@ class Config:
         if kwargs.get("failed"):
             self.failed_step()   # a clear error before anything is taken
         snapshot = cat.FAILED if kwargs.get("failed") else kwargs.get("snapshot")
-        use = take(self.store, self.name, mode="readonly",
-                   snapshot=snapshot)  # type: ignore[arg-type]
-        try:
-            shell = root_shell(use.spec)
-        finally:
-            use.release()
+        row = None if snapshot else live_writer(self.store, self.name)
+        if row is not None and row.backend in ("fuse", "kernel"):
+            shell = root_shell(OverlaySpec(lowerdirs=(row.mountpoint,)))  # the live tree
+        else:
+            use = take(self.store, self.name, mode="readonly",
+                       snapshot=snapshot)  # type: ignore[arg-type]
+            try:
+                shell = root_shell(use.spec)
+            finally:
+                use.release()
         try:
             return self.run([shell], **kwargs)  # type: ignore[arg-type]
         except CommandError as e:

@@ -11,6 +11,7 @@ interrupts is either in the catalog, or in ``tmp/`` without a live lock, or an u
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -50,6 +51,11 @@ class Layout:
     def sub(self, name: str) -> str:
         return os.path.join(self.base, name)
 
+    def control(self, mountpoint: str) -> str:
+        """The control socket of the daemon serving ``mountpoint`` (store/live.py)."""
+        digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+        return os.path.join(self.base, "run", digest + ".sock")
+
     def create(self, owner: tuple[int, int] | None) -> None:
         """Make the base and its subdirs (mode 0755; given to ``owner`` when we are root)."""
         os.makedirs(os.path.dirname(self.base), exist_ok=True)
@@ -80,6 +86,11 @@ class TmpEntry:
             if st.st_uid != 0:
                 os.chown(self._lock_path, st.st_uid, st.st_gid)
                 os.chown(self.path, st.st_uid, st.st_gid)
+
+    @property
+    def lock_path(self) -> str:
+        """Held while this process lives: others can tell whether the maker is still at it."""
+        return self._lock_path
 
     def close(self) -> None:
         """Remove what is left in the entry (what cannot be is left to ``gc``, with a

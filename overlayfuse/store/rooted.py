@@ -83,7 +83,7 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                cwd: str | None = None, env: dict[str, str] | None = None,
                readonly: bool = False, keep_upper: bool = False, verbose: bool = False,
                map_root: bool = False, overlays: Sequence[OverlayVolume] = (),
-               inside: Callable[[str], None] | None = None) -> int:
+               inside: Callable[[str], None] | None = None, live: str | None = None) -> int:
     """Run ``argv`` with the merged tree of ``spec`` (which has an upper) as ``/``.
 
     ``readonly`` shows the tree read-only; ``keep_upper`` says the upper outlives the run
@@ -93,8 +93,12 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
     the sandbox instead of a command: called with the mounted tree's path as root of the
     tree's user namespace, before the tree becomes ``/``.  The command's exit status;
     OverlayfuseError for a set-up failure, CommandError (126/127) when it cannot start.
+    ``live``: the tree is that mount (a config's writable FUSE mount, bound as it is), not
+    ``spec``'s: the command's changes go through its daemon, seen there as they happen.
     """
-    assert spec.upperdir is not None and spec.workdir is not None
+    if live is not None:
+        spec = OverlaySpec(lowerdirs=(live,))  # what the run reads of the tree: the mount
+    assert live is not None or spec.upperdir is not None and spec.workdir is not None
     binds = tuple(binds)
     for bind in binds:
         bind.check()
@@ -102,7 +106,8 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
     for vol in overlays:
         vol.check()
     sandbox_cwd = tree_cwd(cwd)
-    chosen, why = choose(spec, "run", backend)
+    chosen, why = choose(spec, "run", backend) if live is None or overlays else \
+        (None, f"the live mount at {live}")
     idmap: IdMode = "single" if map_root else "auto"
     owner = store.owner
     plan = plan_ids(idmap, owner)
@@ -124,7 +129,10 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
                 mount_or_explain(tree_spec, target, userxattr=userxattr, who=who)
 
         def prepare() -> None:
-            mount_tree(spec, mnt.path)
+            if live is not None:
+                mount(live, mnt.path, None, MS_BIND | MS_REC)
+            else:
+                mount_tree(spec, mnt.path)
             make_mount_points(mnt.path, binds, [v.target for v in overlays])
             for vol, vol_spec in zip(overlays, vol_specs):
                 mount_tree(vol_spec, resolve_in(mnt.path, vol.target))
@@ -139,7 +147,7 @@ def run_rooted(store: LayerStore, spec: OverlaySpec, argv: Sequence[str], *,
         try:
             return sandbox_run(sandbox, argv, setup_only=inside is not None and not argv)
         finally:
-            drop_made(spec.upperdir, made)
+            drop_made(live or spec.upperdir, made)  # through the mount, if live
 
 
 def mount_fuse_inside(spec: OverlaySpec, target: str, *, userxattr: bool) -> None:

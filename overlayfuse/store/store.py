@@ -207,6 +207,50 @@ class LayerStore:
             return "in use as a lower by a running command (run --writable or build)"
         return None
 
+    # -- live switches (live.py) -------------------------------------------------------------
+
+    def finish_switch(self, conn: sqlite3.Connection, config: str, forward: bool) -> None:
+        """Close the switch recorded for ``config`` (live.py): ``forward`` the state after it,
+        else the state before (the new upper dropped).  After a freeze the old upper is
+        frozen (the snapshot, if one was asked, and ``.current``); after a replace (rollback,
+        clean) the target is ``.current`` and the old upper is dropped.  The new upper is
+        ``.upper`` either way, and the mount row lists its layers."""
+        row = conn.execute("SELECT mountpoint, kind, snapshot, target, old, new FROM switches "
+                           "WHERE config=?", (config,)).fetchone()
+        if row is None:
+            return
+        mnt, kind, snap, target, old, new = row
+        if forward:
+            current = old if kind == "freeze" else target
+            if snap:
+                cat.set_ref(conn, config, snap, current)
+            cat.set_ref(conn, config, cat.CURRENT, current)
+            cat.set_ref(conn, config, cat.UPPER, new)
+            conn.execute("UPDATE mounts SET layers=? WHERE mountpoint=? AND config=?",
+                         (" ".join(cat.chain(conn, new)), mnt, config))
+        cat.drop_ref(conn, config, cat.NEXT)
+        conn.execute("DELETE FROM switches WHERE config=?", (config,))
+        cat.drop_unheld(conn)
+
+    def settle(self, conn: sqlite3.Connection) -> None:
+        """Close the switches whose command was killed: the daemon holds the new upper's lock
+        once it switched (then forward); a live daemon without it never switched (back); a
+        dead daemon's old upper is complete as it is (forward: nothing is lost either way,
+        and what it wrote after a switch is kept)."""
+        rows = conn.execute("SELECT config, mountpoint, old, new, client FROM switches")
+        for config, mnt, old, new, client in rows.fetchall():
+            if is_locked(client):
+                continue  # the command is still at it
+            if is_locked(self.layout.lock(new)):
+                forward = True
+            else:
+                pid = conn.execute("SELECT pid FROM mounts WHERE mountpoint=?",
+                                   (mnt,)).fetchone()
+                alive = pid is not None and pid[0] is not None and \
+                    os.path.isdir(f"/proc/{pid[0]}") and is_locked(self.layout.lock(old))
+                forward = not alive
+            self.finish_switch(conn, config, forward)
+
     # -- removing what nothing holds ----------------------------------------------------------
 
     def reap(self, progress: Progress | None = None, errors: list[str] | None = None) -> int:
@@ -218,6 +262,7 @@ class LayerStore:
         dead: list[str] = []
         failed: list[str] = []
         with self.txn() as conn:
+            self.settle(conn)
             known = cat.layer_ids(conn)
             rows = self.mount_rows(conn)
             live = {r.mountpoint for r in rows}
@@ -229,6 +274,9 @@ class LayerStore:
             uppers = {u for (u,) in conn.execute(
                 "SELECT u.layer FROM refs u JOIN refs c ON u.config=c.config "
                 "WHERE u.name=? AND c.name=? AND u.layer<>c.layer", (cat.UPPER, cat.CURRENT))}
+            # the fresh upper a live switch is handing to its daemon (live.py)
+            uppers |= {u for (u,) in conn.execute("SELECT layer FROM refs WHERE name=?",
+                                                  (cat.NEXT,))}
             for kind in ("layers", "work"):
                 for name in sorted(os.listdir(self.layout.sub(kind))):
                     if not LAYER_ID_RE.fullmatch(name):
@@ -246,6 +294,16 @@ class LayerStore:
                         failed.append(f"cannot remove {old}: {e.strerror or e}")
                         continue
                     dead.append(grave)
+            # the sockets of daemons that are gone (a killed one leaves its socket)
+            sockets = {self.layout.control(r.mountpoint) for r in rows}
+            run = self.layout.sub("run")
+            for name in os.listdir(run) if os.path.isdir(run) else ():
+                path = os.path.join(run, name)
+                if name.endswith(".sock") and path not in sockets:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
             for name in os.listdir(self.layout.sub("locks")):
                 path = self.layout.lock(name)
                 if name not in known and not is_locked(path):

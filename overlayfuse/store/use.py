@@ -65,6 +65,7 @@ def take(store: LayerStore, config: str, *, mode: str, row: str | None = None,
     fresh = TmpEntry(layout, "new-" + os.urandom(6).hex()) if mode != "readonly" else None
     try:
         with store.txn() as conn:
+            store.settle(conn)  # a switch a killed command left open decides the upper
             if not cat.config_exists(conn, config):
                 raise OverlayfuseError(f"no config {config!r} in the store {store.base}")
             if top is not None:
