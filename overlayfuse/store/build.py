@@ -186,13 +186,18 @@ def _cached(config: Config, key: str, step: Step) -> tuple[str, float] | None:
     """The layer a step with ``key`` left in any config of the store, now also held by this
     config's row (in one transaction, so nothing drops it in between), and how long it ran."""
     with config.store.txn() as conn:
-        row = conn.execute("SELECT layer, seconds, changed FROM steps WHERE key=? "
-                           "ORDER BY config=? DESC, used DESC LIMIT 1",
-                           (key, config.name)).fetchone()
+        row = _step_row(conn, config.name, key)
         if row is None:
             return None
-        _record(conn, config.name, key, step, row[0], row[1], row[2])
+        _record(conn, config.name, key, step, *row)
     return row[0], row[1]
+
+
+def _step_row(conn: sqlite3.Connection, config: str, key: str
+              ) -> tuple[str, float, int | None] | None:
+    """(layer, seconds, changed) of a step keyed ``key`` in any config, this one's first."""
+    return conn.execute("SELECT layer, seconds, changed FROM steps WHERE key=? "
+                        "ORDER BY config=? DESC, used DESC LIMIT 1", (key, config)).fetchone()
 
 
 def _pulled(config: Config, remote: RemoteCache, key: str, step: Step,
@@ -243,10 +248,9 @@ def _run_step(config: Config, parent: str, key: str, step: Step, no_cache: bool,
             use.spec.upperdir, store.layout.layer(parent))
         with store.txn() as conn:
             if status == 0 and not no_cache:
-                row = conn.execute("SELECT layer, seconds, changed FROM steps WHERE key=? "
-                                   "LIMIT 1", (key,)).fetchone()
+                row = _step_row(conn, config.name, key)
                 if row is not None:   # a concurrent build of the same step was quicker
-                    _record(conn, config.name, key, step, row[0], row[1], row[2])
+                    _record(conn, config.name, key, step, *row)
                     return 0, row[0]
             if parent not in cat.layer_ids(conn):
                 raise OverlayfuseError("a concurrent build replaced the layer below this "

@@ -25,6 +25,7 @@ from typing import BinaryIO
 from .. import format as fmt
 from ..errors import OverlayfuseError
 from .ocitar import DIR_FLAGS, OPQ, PRIVATE, WH
+from .tarimport import open_dir_beneath
 
 CHUNK = 1 << 20
 # layer media types we can read, and whether they are gzipped
@@ -155,34 +156,19 @@ class Applier:
     def _walk(self, parts: tuple[str, ...], name: str) -> int:
         """A new fd of dir ``parts``, made (as tar makes parents) where missing; a whiteout of
         this layer in the way becomes an opaque dir, as ``.wh.D`` plus ``D/x`` means."""
-        fd = os.dup(self.root)
-        try:
-            for i, comp in enumerate(parts):
-                here = parts[:i + 1]
-                if self.made.get(here) == "wh":
-                    os.unlink(comp, dir_fd=fd)
-                    del self.made[here]
-                    os.mkdir(comp, 0o700, dir_fd=fd)
-                    self._mark_opaque(fd, comp)
-                    self.made[here] = "dir"
-                    self.dirs.setdefault(here, None)
-                try:
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    os.mkdir(comp, 0o700, dir_fd=fd)
-                    self.made[here] = "dir"
-                    self.dirs.setdefault(here, None)
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _refuse(name, f"goes through {'/'.join(here)!r}, which is not "
-                                            "a directory (a symlink?)") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
+        def whiteout_to_opaque(fd: int, here: tuple[str, ...]) -> None:
+            if self.made.get(here) == "wh":
+                os.unlink(here[-1], dir_fd=fd)
+                os.mkdir(here[-1], 0o700, dir_fd=fd)
+                self._mark_opaque(fd, here[-1])
+                self.made[here] = "dir"
+                self.dirs.setdefault(here, None)
+        fd, made = open_dir_beneath(self.root, parts, True, lambda where: _refuse(
+            name, f"goes through {where!r}, which is not a directory (a symlink?)"),
+            whiteout_to_opaque)
+        for here in made:
+            self.made[here] = "dir"
+            self.dirs.setdefault(here, None)
         return fd
 
     def _mark_opaque(self, dfd: int, name: str) -> None:

@@ -25,7 +25,7 @@ import subprocess
 import tarfile
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import OverlayfuseError
 from ..format import WH_PREFIX
@@ -73,6 +73,42 @@ class TarSummary:
 
 def _refuse(name: str, why: str) -> OverlayfuseError:
     return OverlayfuseError(f"refusing the archive: entry {name!r} {why}; nothing imported")
+
+
+def open_dir_beneath(root: int, parts: tuple[str, ...], make: bool,
+                     refuse: Callable[[str], OverlayfuseError],
+                     before: Callable[[int, tuple[str, ...]], None] | None = None
+                     ) -> tuple[int, list[tuple[str, ...]]]:
+    """A new fd of the directory ``parts`` below the dir fd ``root``, each component opened
+    with ``O_NOFOLLOW`` (never reached through a symlink), and the dirs it made: missing ones
+    are made (0700, as tar makes parents) when ``make``.  ``before(fd, here)`` runs in the
+    parent before each component is opened; ``refuse(path)`` is raised for a component that
+    is no directory."""
+    made: list[tuple[str, ...]] = []
+    fd = os.dup(root)
+    try:
+        for i, comp in enumerate(parts):
+            here = parts[:i + 1]
+            if before is not None:
+                before(fd, here)
+            try:
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    raise
+                os.mkdir(comp, 0o700, dir_fd=fd)
+                made.append(here)
+                nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise refuse("/".join(here)) from None
+                raise
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, made
 
 
 def entry_parts(name: str) -> tuple[str, ...]:
@@ -245,27 +281,10 @@ class _Unpacker:
     def _walk(self, parts: tuple[str, ...], name: str, make: bool) -> int:
         """A new fd of the directory ``parts``, never reached through a symlink; missing
         parents are made when ``make`` (as tar makes them)."""
-        fd = os.dup(self.root)
-        try:
-            for i, comp in enumerate(parts):
-                try:
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not make:
-                        raise
-                    os.mkdir(comp, 0o700, dir_fd=fd)
-                    self.dirs.setdefault(parts[:i + 1], _Dir())
-                    nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise _refuse(name, f"goes through {'/'.join(parts[:i + 1])!r}, "
-                                            "which is not a directory (a symlink?)") from None
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, made = open_dir_beneath(self.root, parts, make, lambda where: _refuse(
+            name, f"goes through {where!r}, which is not a directory (a symlink?)"))
+        for here in made:
+            self.dirs.setdefault(here, _Dir())
         return fd
 
     def _parent(self, parts: tuple[str, ...], name: str) -> int:
