@@ -327,3 +327,29 @@ def test_a_copy_that_cannot_land_fails_its_step(tmp_path: Path) -> None:
     assert p.run("ls", "/").split().count("opt") == 0
     assert ok(ovf("store", "--base", str(p.base), "--config", "app", "run", "--failed",
                   *HOST_TOOLS, "--", "cat", "/opt/first")) == "file\n"
+
+
+def test_keys_ignore_what_a_backend_keeps_for_itself(tmp_path: Path) -> None:
+    """A base written through the FUSE daemon (copy-ups leave origin handles and the inode
+    numbers the entries had, different in every store) gives the same keys as the same
+    content written in another store."""
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "app.conf").write_text("v1\n")
+    keys = []
+    for n in (1, 2):
+        p = Project(tmp_path / f"p{n}")
+        store = ["store", "--base", str(p.base)]
+        mnt = tmp_path / f"mnt{n}"
+        mnt.mkdir()
+        ok(ovf(*store, "init", "--from", str(src)))
+        ok(ovf(*store, "mount", "--backend", "fuse", str(mnt)))
+        try:
+            (mnt / "etc" / "app.conf").write_text("v2\n")     # a copy-up of a lower file
+        finally:
+            ok(ovf(*store, "umount", str(mnt)))
+        ok(ovf(*store, "snapshot", "s"))
+        r, steps = p.build("--from-config", "default:s")
+        assert r.returncode == 0 and ran(steps) == [1, 2, 3, 4, 5], r.stderr
+        keys.append(steps)
+    assert keys[0] == keys[1]

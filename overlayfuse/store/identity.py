@@ -7,7 +7,9 @@ the tree's own), file contents, link targets, device numbers (whiteouts are ``0,
 xattrs, the overlay ones under one name whatever their namespace (``trusted.overlay.*`` for
 root's stores, ``user.overlay.*`` for a user's).  Left out: times, inode numbers, and the
 overlay xattrs that hold machine-local facts (``origin`` and ``upper`` file handles, ``impure``,
-``nlink``, ``uuid``).  A layer never changes once frozen, so its identity is computed once, the
+``nlink``, ``uuid``, and our FUSE daemon's own ``ovf.*``: the inode numbers entries had before
+a copy-up, the writer's feature record), so that the same content gives the same identity
+whichever machine and backend wrote it.  A layer never changes once frozen, so its identity is computed once, the
 first time something needs it (a build on it), and kept in the catalog.
 """
 from __future__ import annotations
@@ -17,17 +19,21 @@ import os
 import sqlite3
 import stat
 
+from .. import format as fmt
 from ..sandbox import plan_ids, run_as_mapped_root
 from . import catalog as cat
 from .disk import Layout
 
 OVERLAY_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 LOCAL_FACTS = {b"origin", b"upper", b"impure", b"nlink", b"uuid"}
+OWN_PREFIX = fmt.INO_XATTR.partition(b".")[0] + b"."    # ovf.ino, ovf.features
+# the catalog keeps an identity with this version before it; another version is computed anew
+VERSION = "2:"
 
 
 def tree_identity(path: str) -> str:
     """The identity of the tree at ``path``, read as this process sees it."""
-    h = hashlib.sha256(b"overlayfuse layer v1\0")
+    h = hashlib.sha256(b"overlayfuse layer v2\0")
     _entry(h, os.fsencode(path), b".")
     return h.hexdigest()
 
@@ -63,7 +69,8 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
         for prefix in OVERLAY_PREFIXES:
             if key.startswith(prefix):
                 key = b"overlay." + key[len(prefix):]
-                if key[len(b"overlay."):] in LOCAL_FACTS:
+                fact = key[len(b"overlay."):]
+                if fact in LOCAL_FACTS or fact.startswith(OWN_PREFIX):
                     key = b""
                 break
         if key:
@@ -71,22 +78,23 @@ def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return sorted(out)
 
 
-def layer_identity(conn: sqlite3.Connection, layout_path: str, layer: str,
-                   owner: tuple[int, int]) -> str:
-    """The identity of the frozen ``layer`` (its dir ``layout_path``): from the catalog, else
-    computed (as root of the store's user namespace) and recorded."""
-    row = conn.execute("SELECT content FROM layers WHERE id=?", (layer,)).fetchone()
-    if row is not None and row[0]:
-        return str(row[0])
-    digest = run_as_mapped_root(lambda: tree_identity(layout_path), plan_ids("auto", owner))
-    conn.execute("UPDATE layers SET content=? WHERE id=?", (digest, layer))
-    return digest
-
-
 def chain_identity(conn: sqlite3.Connection, layout: Layout, top: str,
                    owner: tuple[int, int]) -> str:
-    """The identity of ``top`` with every layer below it, bottom first."""
+    """The identity of ``top`` with every layer below it, bottom first.  Each layer's own
+    comes from the catalog, else is computed (all missing ones in one child, as root of the
+    store's user namespace) and recorded."""
+    layers = list(reversed(cat.chain(conn, top)))
+    known = {x: str(c)[len(VERSION):] for x, c in conn.execute(
+        f"SELECT id, content FROM layers WHERE content LIKE '{VERSION}%' AND id IN "
+        f"({','.join('?' * len(layers))})", layers)}
+    paths = {x: layout.layer(x) for x in layers if x not in known}
+    if paths:
+        found = run_as_mapped_root(lambda: {x: tree_identity(p) for x, p in paths.items()},
+                                   plan_ids("auto", owner))
+        conn.executemany("UPDATE layers SET content=? WHERE id=?",
+                         [(VERSION + digest, x) for x, digest in found.items()])
+        known.update(found)
     h = hashlib.sha256(b"overlayfuse chain v1\0")
-    for layer in reversed(cat.chain(conn, top)):
-        h.update(layer_identity(conn, layout.layer(layer), layer, owner).encode() + b"\0")
+    for layer in layers:
+        h.update(known[layer].encode() + b"\0")
     return h.hexdigest()
