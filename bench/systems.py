@@ -411,6 +411,17 @@ class OverlayfuseWriteback(Overlayfuse):
         return {"OVERLAYFUSE_WRITEBACK": "1"}
 
 
+class OverlayfuseNospin(Overlayfuse):
+    """overlayfuse whose idle loop sleeps at once (``-o spin=0``): the spin lever, measured
+    side by side.  Run only when named in --systems."""
+
+    name = "overlayfuse-nospin"
+    default = False
+
+    def argv(self, opts: str, mnt: Path) -> list[str]:
+        return super().argv(f"{opts},spin=0", mnt)
+
+
 class OverlayfuseB(Overlayfuse):
     """A second overlayfuse beside the first, for a before/after in one run: the command in
     ``$OVERLAYFUSE_BENCH_CMD_B`` (e.g. the same checkout with another pyfuse3 on PYTHONPATH).
@@ -426,6 +437,7 @@ class OverlayfuseB(Overlayfuse):
 
 ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
                                                OverlayfuseClassic(), OverlayfuseZero(),
-                                               OverlayfuseWriteback(), OverlayfuseB(),
+                                               OverlayfuseWriteback(), OverlayfuseNospin(),
+                                               OverlayfuseB(),
                                                Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")

@@ -28,7 +28,9 @@ FUSE_TUNING = {"timeout": True, "noacl": False,
                # writeback=1: the kernel's writeback cache (small writes batched in pages)
                "writeback": True,
                # overlayfuse's own: zero-message file opens (fusefs/transport.py)
-               "zero_opens": False}
+               "zero_opens": False,
+               # overlayfuse's own: microseconds an idle daemon polls for the next request
+               "spin": True}
 
 IGNORED = {
     "threaded": "the daemon serves every request from one trio thread (pyfuse3 has no "
@@ -43,6 +45,7 @@ DEFAULT_IS_IGNORED = {"noxattrs": "0", "xattr_permissions": "0", "writeback": "0
 INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions", "fsync", "noxattrs")
 
 FUSE, IGNORE = "fuse", "ignore"
+MAX_SPIN_US = 10000
 
 REFUSED = {
     "plugins": "fuse-overlayfs' layer plugins (shared objects loaded into the daemon) are not "
@@ -82,6 +85,9 @@ def check(key: str, value: str | None) -> str | None:
             seconds = -1.0
         if not 0 <= seconds < float("inf"):
             raise OverlayfuseError(f"timeout={value}: expected seconds (a number >= 0)")
+    elif key == "spin":
+        if not value.isdigit() or int(value) > MAX_SPIN_US:
+            raise OverlayfuseError(f"spin={value}: expected microseconds, 0 to {MAX_SPIN_US}")
     elif key in INT_VALUED:
         _check_int(key, value)
         if key == "xattr_permissions" and value not in ("0", "1", "2"):

@@ -78,6 +78,7 @@ def test_squash_shows_everyone_as_one_owner_and_keeps_writes_mapped() -> None:
     ("squash_to_uid=5", True), ("squash_to_gid=5", True), ("static_nlink", True),
     ("timeout=5", False), ("noacl", False), ("threaded=1", False), ("fast_ino=1", False),
     ("writeback=0", False), ("xattr_permissions=0", False), ("noxattrs=1", True),
+    ("spin=0", False), ("spin=200", False),
     ("noxattrs=0", False), ("fsync=0", False), ("xattr_permissions=1", True),
     ("xattr_permissions=2", True),
 ])
@@ -114,6 +115,9 @@ def test_daemon_config_from_the_options() -> None:
     assert default.xattr_permissions == 0
     spec, _ = parse_options("lowerdir=/a,xattr_permissions=2", cwd="/")
     assert Config.for_spec(spec, as_root=False).xattr_permissions == 2
+    assert default.spin_us == 50
+    spec, _ = parse_options("lowerdir=/a,spin=0", cwd="/")
+    assert Config.for_spec(spec, as_root=False).spin_us == 0
 
 
 def test_writeback_from_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,6 +368,10 @@ BAD = [
     ("xattr_permissions=-1", "xattr_permissions=-1: expected 0, 1 or 2"),
     ("xattr_permissions=user", "xattr_permissions=user: expected a number"),
     ("xattr_permissions", "option xattr_permissions takes a value"),
+    ("spin=fast", "spin=fast: expected microseconds, 0 to 10000"),
+    ("spin=-5", "spin=-5: expected microseconds"),
+    ("spin=10001", "spin=10001: expected microseconds, 0 to 10000"),
+    ("spin", "option spin takes a value"),
     ("plugins=/usr/lib/x.so", "option plugins is refused"),
     ("ino32_t", "option ino32_t is refused"),
 ]

@@ -164,6 +164,7 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
     try:
         try:
             pyfuse3.init(ops, mountpoint, fuse_option_set(spec, fuse_options, debug))
+            transport.set_idle_spin(ovl.config.spin_us)
         except RuntimeError as e:
             ovl.close()
             if control is not None:

@@ -40,6 +40,7 @@ class Config:
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
     writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
+    spin_us: int = 50  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
@@ -52,6 +53,8 @@ class Config:
                      xattr_permissions=int(opts.get("xattr_permissions") or 0),
                      writeback=(int(opts.get("writeback") or 0) != 0
                                 or os.environ.get(WRITEBACK_ENV) == "1"))
+        if opts.get("spin") is not None:
+            config.spin_us = int(opts["spin"])
         if opts.get("timeout") is not None:
             config.entry_timeout = config.attr_timeout = float(opts["timeout"])
         return config
