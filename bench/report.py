@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic",
-                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-b", "raw")
+                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-nospin", "overlayfuse-b",
+                "raw")
 REFS = ("kernel", "fuse-overlayfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "f-o", "overlayfuse": "ofs",
          "overlayfuse-classic": "ofs-c", "overlayfuse-zero": "ofs-z",
-         "overlayfuse-writeback": "ofs-wb", "overlayfuse-b": "ofs-b", "raw": "raw"}
+         "overlayfuse-writeback": "ofs-wb", "overlayfuse-nospin": "ofs-ns",
+         "overlayfuse-b": "ofs-b", "raw": "raw"}
 
 
 def _order(names: list[str]) -> list[str]:

@@ -115,7 +115,7 @@ def test_daemon_config_from_the_options() -> None:
     assert default.xattr_permissions == 0
     spec, _ = parse_options("lowerdir=/a,xattr_permissions=2", cwd="/")
     assert Config.for_spec(spec, as_root=False).xattr_permissions == 2
-    assert default.spin_us == 50
+    assert default.spin_us == 200
     spec, _ = parse_options("lowerdir=/a,spin=0", cwd="/")
     assert Config.for_spec(spec, as_root=False).spin_us == 0
 

@@ -40,7 +40,7 @@ class Config:
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
     writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
-    spin_us: int = 50  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
+    spin_us: int = 200  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":

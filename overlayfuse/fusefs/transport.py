@@ -24,7 +24,7 @@ stale itself (file.py says what stock pyfuse3 costs there).  A sixth changes onl
 loop (no API): an idle daemon waits for the next request in poll() instead of a round trip
 through trio, and a second reader task starts only when a handler suspends.  A seventh lets
 that loop poll the FUSE fd for a few tens of microseconds before it sleeps (``-o spin=US``,
-50 by default, 0 off): a caller's next request then finds the daemon awake (``set_idle_spin``).
+200 by default, 0 off): a caller's next request then finds the daemon awake (``set_idle_spin``).
 """
 from __future__ import annotations
 
