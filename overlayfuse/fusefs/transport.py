@@ -59,7 +59,7 @@ def set_idle_spin(microseconds: int) -> bool:
     (tools/pyfuse3/request-loop-spin.patch); False where the binding cannot.
 
     On an idle machine the daemon used to sleep between a reply and the caller's next request
-    and pay a wake-up (40-200 us of wall time) for each; polling meanwhile spares it, at the
+    and pay a wake-up (25-70 us of wall time here) for each; polling meanwhile spares it, at the
     CPU of the polling.  The loop spins only after a short wait, so an idle mount costs
     nothing and only a stream of requests pays.  Measured in bench/ (``overlayfuse-nospin``)."""
     if not hasattr(pyfuse3, "set_idle_spin"):
