@@ -46,6 +46,7 @@ INT_VALUED = ("threaded", "fast_ino", "writeback", "xattr_permissions", "fsync",
 
 FUSE, IGNORE = "fuse", "ignore"
 MAX_SPIN_US = 10000
+DEFAULT_SPIN_US = 200  # the idle spin a mount gets without spin= (fusefs/transport.py)
 
 REFUSED = {
     "plugins": "fuse-overlayfs' layer plugins (shared objects loaded into the daemon) are not "

@@ -57,7 +57,10 @@ def transport_note(spec: OverlaySpec | None = None) -> str:
         from ..fusefs import transport
     except ImportError as e:
         return f"unavailable: {e}"
-    return transport.describe(spec is not None and "zero_opens" in spec.fuse_option_map())
+    opts = spec.fuse_option_map() if spec is not None else {}
+    spin = opts.get("spin")
+    return transport.describe("zero_opens" in opts,
+                              int(spin) if spin and spin.isdigit() else transport.DEFAULT_SPIN_US)
 
 
 class FuseBackend(Backend):

@@ -153,7 +153,8 @@ def serve(spec: OverlaySpec, mountpoint: str, fuse_options: Sequence[str], debug
         log.info("strictatime: classic file opens, not zero-message ones")
         zero_opens = False
     ops = OverlayOperations(ovl, zero_dirs=zero_dirs, zero_opens=zero_opens)
-    log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens))
+    log.debug("fuse transport: %s", transport.describe(ovl.config.zero_opens,
+                                                          ovl.config.spin_us))
     if control is not None:
         try:
             control.listen()

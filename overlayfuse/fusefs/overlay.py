@@ -11,6 +11,7 @@ import pyfuse3
 
 from .. import format as fmt
 from ..errors import OverlayfuseError
+from ..fuseopts import DEFAULT_SPIN_US
 from ..idmap import Owners, owners_from_options
 from ..spec import OverlaySpec
 from . import durable, inuse, origin
@@ -40,7 +41,7 @@ class Config:
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
     writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
-    spin_us: int = 200  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
+    spin_us: int = DEFAULT_SPIN_US  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":

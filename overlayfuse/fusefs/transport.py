@@ -32,6 +32,8 @@ import os
 
 import pyfuse3
 
+from ..fuseopts import DEFAULT_SPIN_US
+
 OPENS_ENV = "OVERLAYFUSE_OPENS"  # "classic": neither mode; "zero": file opens too, every mount
 
 
@@ -77,11 +79,19 @@ def modes(zero_opens: bool) -> tuple[bool, bool]:
     return True, zero_opens or forced == "zero"
 
 
-def describe(zero_opens: bool = False) -> str:
+def describe(zero_opens: bool = False, spin_us: int = DEFAULT_SPIN_US) -> str:
     """One phrase for ``check`` and ``-v``."""
     falloc = ("fallocate passed on" if has_fallocate()
               else "no fallocate: EOPNOTSUPP (pyfuse3 without tools/pyfuse3/fallocate.patch)")
-    return f"{_opens(zero_opens)}; {falloc}"
+    return f"{_opens(zero_opens)}; {falloc}; {_spin(spin_us)}"
+
+
+def _spin(spin_us: int) -> str:
+    if not hasattr(pyfuse3, "set_idle_spin"):
+        return "no idle spin (pyfuse3 without tools/pyfuse3/request-loop-spin.patch)"
+    if spin_us == 0:
+        return "no idle spin (spin=0)"
+    return f"idle spin {spin_us} us"
 
 
 def _opens(zero_opens: bool) -> str:
