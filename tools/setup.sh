@@ -81,11 +81,12 @@ fi
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 # the patches, applied in this order: zero-message opens, the request loop's drain, the umask,
-# fallocate, declining asynchronous direct I/O, the request loop's poll() when idle and its spin
+# fallocate, declining asynchronous direct I/O, the request loop's poll() when idle and its spin,
+# plain READDIR where the kernel will not use the attributes
 patch_files=(tools/pyfuse3/zero-message-opens.patch tools/pyfuse3/request-loop-drain.patch
              tools/pyfuse3/dont-mask.patch tools/pyfuse3/fallocate.patch
              tools/pyfuse3/async-dio.patch tools/pyfuse3/request-loop-poll.patch
-             tools/pyfuse3/request-loop-spin.patch)
+             tools/pyfuse3/request-loop-spin.patch tools/pyfuse3/readdir-plain.patch)
 patched="$PYFUSE3_VERSION+ovf.$(cat "${patch_files[@]}" | sha256sum | cut -c1-10)"
 
 build_patched_pyfuse3() {

@@ -56,6 +56,8 @@ class OverlayOperations(pyfuse3.Operations):
     # O_DIRECT requests one at a time, so that the kernel drops the pages a direct write made
     # stale once it returns, aio writes included (tools/pyfuse3/async-dio.patch; file.py)
     enable_async_dio = False
+    # the kernel asks plain READDIR where it will not use the attributes (readdir.py)
+    enable_readdirplus_auto = True
 
     def __init__(self, ovl: Overlay, zero_dirs: bool = False, zero_opens: bool = False
                  ) -> None:

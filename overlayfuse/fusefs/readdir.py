@@ -1,8 +1,14 @@
 """Merged directory listings (readdir.c): the union of the layers, markers never shown.
 
 A listing is read once per open directory (and again on rewind), so offsets stay stable while
-the directory is open.  pyfuse3 always answers with READDIRPLUS, so every entry is looked up
-the way ``lookup`` would: ``d_type`` and inode numbers agree with ``stat`` by construction.
+the directory is open.  Every entry is resolved the way ``lookup`` would, so ``d_type`` and
+inode numbers agree with ``stat`` by construction.  Stock pyfuse3 always asks READDIRPLUS:
+each entry's attributes go with it and the kernel takes a lookup reference on it (counted
+here, most of a cold listing's cost).  The patched binding lets the kernel choose
+(readdirplus_auto, tools/pyfuse3/readdir-plain.patch): it asks attributes for the first part
+of a listing and where lookups in the directory follow, and plain READDIR elsewhere, whose
+entries carry only the number and the type and cost no bookkeeping (``ls``, ``find -name``,
+shell globs).
 """
 from __future__ import annotations
 
@@ -127,6 +133,9 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
         # cached copy (FOPEN_CACHE_DIR); ours is only needed again if it drops that one
         ovl.listing_sent(node)
         return
+    if not getattr(token, "plus", True):
+        _reply_plain(ovl, node, names, start_id, token)
+        return
     for i in range(start_id, len(names)):
         name = names[i]
         if name == b"." or name == b"..":
@@ -165,6 +174,36 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
             ovl.table.maybe_drop(bound)  # not sent: nobody holds a node new to the table
             return
         bound.lookups += 1
+
+
+def _reply_plain(ovl: Overlay, node: Node, names: list[bytes], start_id: int,
+                 token: pyfuse3.ReaddirToken) -> None:
+    """A plain READDIR: each entry's inode number and type, the ones its lookup gives.  The
+    kernel keeps no inode for these entries, so nothing is counted and no node is made."""
+    attr = pyfuse3.EntryAttributes()
+    for i in range(start_id, len(names)):
+        name = names[i]
+        if name == b"." or name == b"..":
+            target = node if name == b"." else node.parent or node
+            attr.st_ino, attr.st_mode = target.ino, target.kind
+        else:
+            known = ovl.table.hot_child(node, name)
+            if known is not None:
+                attr.st_ino, attr.st_mode = known.ino, known.kind
+            else:
+                try:
+                    found = resolve(ovl, node, name)
+                except pyfuse3.FUSEError:
+                    shown = _unresolvable(ovl, node, name)
+                    if shown is None:
+                        continue
+                    attr.st_ino, attr.st_mode = shown.st_ino, shown.st_mode
+                else:
+                    if found is None:
+                        continue
+                    attr.st_ino, attr.st_mode = found[0].ino, found[1].st_mode
+        if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+            return
 
 
 def _unresolvable(ovl: Overlay, node: Node, name: bytes) -> pyfuse3.EntryAttributes | None:
