@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic",
-                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-nospin", "overlayfuse-b",
+                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-nospin", "overlayfuse-auto",
+                "overlayfuse-b",
                 "raw")
 REFS = ("kernel", "fuse-overlayfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "f-o", "overlayfuse": "ofs",
          "overlayfuse-classic": "ofs-c", "overlayfuse-zero": "ofs-z",
          "overlayfuse-writeback": "ofs-wb", "overlayfuse-nospin": "ofs-ns",
+         "overlayfuse-auto": "ofs-a",
          "overlayfuse-b": "ofs-b", "raw": "raw"}
 
 

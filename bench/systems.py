@@ -422,6 +422,17 @@ class OverlayfuseNospin(Overlayfuse):
         return super().argv(f"{opts},spin=0", mnt)
 
 
+class OverlayfuseAuto(Overlayfuse):
+    """overlayfuse with plain READDIR where the kernel won't use the attributes
+    (``-o readdirplus_auto``).  Run only when named in --systems."""
+
+    name = "overlayfuse-auto"
+    default = False
+
+    def argv(self, opts: str, mnt: Path) -> list[str]:
+        return super().argv(f"{opts},readdirplus_auto", mnt)
+
+
 class OverlayfuseB(Overlayfuse):
     """A second overlayfuse beside the first, for a before/after in one run: the command in
     ``$OVERLAYFUSE_BENCH_CMD_B`` (e.g. the same checkout with another pyfuse3 on PYTHONPATH).
@@ -438,6 +449,7 @@ class OverlayfuseB(Overlayfuse):
 ALL: dict[str, System] = {s.name: s for s in (Kernel(), FuseOverlayfs(), Overlayfuse(),
                                                OverlayfuseClassic(), OverlayfuseZero(),
                                                OverlayfuseWriteback(), OverlayfuseNospin(),
+                                               OverlayfuseAuto(),
                                                OverlayfuseB(),
                                                Raw())}
 REFERENCES = ("kernel", "fuse-overlayfs")

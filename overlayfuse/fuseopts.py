@@ -30,7 +30,9 @@ FUSE_TUNING = {"timeout": True, "noacl": False,
                # overlayfuse's own: zero-message file opens (fusefs/transport.py)
                "zero_opens": False,
                # overlayfuse's own: microseconds an idle daemon polls for the next request
-               "spin": True}
+               "spin": True,
+               # overlayfuse's own: plain READDIR where the kernel won't use attributes
+               "readdirplus_auto": False}
 
 IGNORED = {
     "threaded": "the daemon serves every request from one trio thread (pyfuse3 has no "

@@ -78,7 +78,7 @@ def test_squash_shows_everyone_as_one_owner_and_keeps_writes_mapped() -> None:
     ("squash_to_uid=5", True), ("squash_to_gid=5", True), ("static_nlink", True),
     ("timeout=5", False), ("noacl", False), ("threaded=1", False), ("fast_ino=1", False),
     ("writeback=0", False), ("xattr_permissions=0", False), ("noxattrs=1", True),
-    ("spin=0", False), ("spin=200", False),
+    ("spin=0", False), ("spin=200", False), ("readdirplus_auto", False),
     ("noxattrs=0", False), ("fsync=0", False), ("xattr_permissions=1", True),
     ("xattr_permissions=2", True),
 ])
@@ -118,6 +118,9 @@ def test_daemon_config_from_the_options() -> None:
     assert default.spin_us == 200
     spec, _ = parse_options("lowerdir=/a,spin=0", cwd="/")
     assert Config.for_spec(spec, as_root=False).spin_us == 0
+    assert not default.readdirplus_auto
+    spec, _ = parse_options("lowerdir=/a,readdirplus_auto", cwd="/")
+    assert Config.for_spec(spec, as_root=False).readdirplus_auto
 
 
 def test_writeback_from_the_options(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,8 @@
-"""Plain READDIR (tools/pyfuse3/readdir-plain.patch, fusefs/readdir.py).
+"""Plain READDIR (``-o readdirplus_auto``, tools/pyfuse3/readdir-plain.patch, fusefs/readdir.py).
 
-With the patched binding the kernel asks attributes (READDIRPLUS) only for the first chunk of
-a listing and where lookups in the directory follow; the rest of a big listing comes as plain
-READDIR, names with an inode number and a type.  Those must be exactly what ``lstat`` of the
+With the option the kernel asks attributes (READDIRPLUS) only for the first chunk of a listing
+and where lookups in the directory follow; the rest of a big listing comes as plain READDIR,
+names with an inode number and a type.  Those must be exactly what ``lstat`` of the
 entry reports, for every kind of entry an overlay has (lower files of each layer, files
 shadowing lower ones, copied-up and renamed files, hard links, new files, merged and opaque
 dirs, symlinks, fifos), and whiteouts stay hidden; the names are those of the kernel's
@@ -102,7 +102,7 @@ def test_plain_entries_carry_what_lstat_reports(tmp_path: Path) -> None:
         _change(ours.mnt)
     # a fresh daemon and a fresh kernel inode cache: the listing is the first use of the dir
     with overlayfuse_mount(ours.lowers, ours.upper, ours.work, ours.mnt,
-                           extra=["debug"]) as dm:
+                           extra=["debug", "readdirplus_auto"]) as dm:
         listed = _listing(ours.mnt)
         log = dm.stderr()
         assert sorted(listed) == want_names
@@ -111,3 +111,17 @@ def test_plain_entries_carry_what_lstat_reports(tmp_path: Path) -> None:
         assert _listing(ours.mnt) == listed
     assert "opcode: READDIRPLUS" in log, "the first chunk carries attributes"
     assert "opcode: READDIR (" in log, "the rest of the big listing was plain READDIR"
+
+
+def test_without_the_option_every_chunk_carries_attributes(tmp_path: Path) -> None:
+    """The default: a listing followed by a stat of each entry (find, ls -l, du) finds every
+    entry looked up already, whatever the directory's size."""
+    layers = make_layers(tmp_path)
+    _build(layers)
+    with overlayfuse_mount(layers.lowers, layers.upper, layers.work, layers.mnt,
+                           extra=["debug"]) as dm:
+        listed = _listing(layers.mnt)
+        log = dm.stderr()
+        assert len(listed) == 2 * N - 50 + 20 * 3 + 1
+    assert "opcode: READDIRPLUS" in log
+    assert "opcode: READDIR (" not in log

@@ -56,8 +56,8 @@ class OverlayOperations(pyfuse3.Operations):
     # O_DIRECT requests one at a time, so that the kernel drops the pages a direct write made
     # stale once it returns, aio writes included (tools/pyfuse3/async-dio.patch; file.py)
     enable_async_dio = False
-    # the kernel asks plain READDIR where it will not use the attributes (readdir.py)
-    enable_readdirplus_auto = True
+    # -o readdirplus_auto: the kernel asks plain READDIR where it will not use the attributes
+    enable_readdirplus_auto = False
 
     def __init__(self, ovl: Overlay, zero_dirs: bool = False, zero_opens: bool = False
                  ) -> None:
@@ -76,6 +76,7 @@ class OverlayOperations(pyfuse3.Operations):
         # dirs (files) named by inode in every later request, O_TRUNC sent as a setattr
         # the kernel's writeback cache (-o writeback=1): pyfuse3 reads this at INIT
         self.enable_writeback_cache = ovl.config.writeback
+        self.enable_readdirplus_auto = ovl.config.readdirplus_auto
         self.zero_dirs = zero_dirs or zero_opens
         self.zero_opens = zero_opens
         if self.zero_dirs:

@@ -41,6 +41,7 @@ class Config:
     zero_opens: bool = False  # -o zero_opens: zero-message file opens (fusefs/transport.py)
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
     writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
+    readdirplus_auto: bool = False  # -o readdirplus_auto: plain READDIR too (readdir.py)
     spin_us: int = DEFAULT_SPIN_US  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
 
     @classmethod
@@ -51,6 +52,7 @@ class Config:
                      static_nlink="static_nlink" in opts,
                      xattrs=int(opts.get("noxattrs") or 0) == 0,
                      acl="noacl" not in opts, zero_opens="zero_opens" in opts,
+                     readdirplus_auto="readdirplus_auto" in opts,
                      xattr_permissions=int(opts.get("xattr_permissions") or 0),
                      writeback=(int(opts.get("writeback") or 0) != 0
                                 or os.environ.get(WRITEBACK_ENV) == "1"))

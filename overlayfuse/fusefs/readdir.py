@@ -4,11 +4,12 @@ A listing is read once per open directory (and again on rewind), so offsets stay
 the directory is open.  Every entry is resolved the way ``lookup`` would, so ``d_type`` and
 inode numbers agree with ``stat`` by construction.  Stock pyfuse3 always asks READDIRPLUS:
 each entry's attributes go with it and the kernel takes a lookup reference on it (counted
-here, most of a cold listing's cost).  The patched binding lets the kernel choose
-(readdirplus_auto, tools/pyfuse3/readdir-plain.patch): it asks attributes for the first part
+here, most of a cold listing's cost).  With ``-o readdirplus_auto`` the patched binding lets
+the kernel choose (tools/pyfuse3/readdir-plain.patch): it asks attributes for the first part
 of a listing and where lookups in the directory follow, and plain READDIR elsewhere, whose
 entries carry only the number and the type and cost no bookkeeping (``ls``, ``find -name``,
-shell globs).
+shell globs).  Off by default: a walk that lists a whole big directory before it stats each
+entry (find, ls -l, du) would then send a LOOKUP per entry, which READDIRPLUS spares.
 """
 from __future__ import annotations
 

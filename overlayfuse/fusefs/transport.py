@@ -26,8 +26,8 @@ through trio, and a second reader task starts only when a handler suspends.  A s
 that loop poll the FUSE fd for a few tens of microseconds before it sleeps (``-o spin=US``,
 200 by default, 0 off): a caller's next request then finds the daemon awake (``set_idle_spin``).
 An eighth lets the kernel ask plain READDIR where it will not use the attributes
-(``OverlayOperations.enable_readdirplus_auto``, readdir.py); stock pyfuse3 asks READDIRPLUS
-for every chunk of a listing, with the same result, slower.
+(``-o readdirplus_auto``, ``OverlayOperations.enable_readdirplus_auto``, readdir.py); stock
+pyfuse3 asks READDIRPLUS for every chunk of a listing, as the default does.
 """
 from __future__ import annotations
 
