@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM_ORDER = ("kernel", "fuse-overlayfs", "overlayfuse", "overlayfuse-classic",
-                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-nospin", "overlayfuse-auto",
-                "overlayfuse-b",
-                "raw")
+                "overlayfuse-zero", "overlayfuse-writeback", "overlayfuse-nospin",
+                "overlayfuse-auto", "overlayfuse-b", "raw")
 REFS = ("kernel", "fuse-overlayfs")
 SHORT = {"kernel": "kernel", "fuse-overlayfs": "f-o", "overlayfuse": "ofs",
          "overlayfuse-classic": "ofs-c", "overlayfuse-zero": "ofs-z",

@@ -108,7 +108,8 @@ def test_a_spin_ends_at_the_next_trio_deadline(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(pyfuse3, "set_idle_spin"), reason="stock pyfuse3: no spin")
-@pytest.mark.parametrize("extra, want", [("", "idle spin 200 us"), (",spin=0", "no idle spin (spin=0)"),
+@pytest.mark.parametrize("extra, want", [("", "idle spin 200 us"),
+                                         (",spin=0", "no idle spin (spin=0)"),
                                          (",spin=750", "idle spin 750 us")])
 def test_mount_v_names_the_window(tmp_path: Path, extra: str, want: str) -> None:
     layers = make_layers(tmp_path, 1)

@@ -42,7 +42,7 @@ class Config:
     xattr_permissions: int = 0  # 1|2: owners and modes in an override xattr (override.py)
     writeback: bool = False  # -o writeback=1: the kernel's writeback cache (file.backing_flags)
     readdirplus_auto: bool = False  # -o readdirplus_auto: plain READDIR too (readdir.py)
-    spin_us: int = DEFAULT_SPIN_US  # -o spin=US: an idle daemon polls this long before it sleeps (transport)
+    spin_us: int = DEFAULT_SPIN_US  # -o spin=US: an idle daemon polls before it sleeps (transport)
 
     @classmethod
     def for_spec(cls, spec: OverlaySpec, as_root: bool) -> "Config":
