@@ -141,8 +141,7 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
         name = names[i]
         if name == b"." or name == b"..":
             # the kernel takes no lookup reference for these two
-            target = node if name == b"." else node.parent or node
-            attr = getattr_node(ovl, target)
+            attr = getattr_node(ovl, _dot_target(node, name))
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
             continue
@@ -177,6 +176,11 @@ def readdir(ovl: Overlay, handle: DirHandle, start_id: int, token: pyfuse3.Readd
         bound.lookups += 1
 
 
+def _dot_target(node: Node, name: bytes) -> Node:
+    """The directory "." or ".." of ``node`` names (the root is its own parent)."""
+    return node if name == b"." else node.parent or node
+
+
 def _reply_plain(ovl: Overlay, node: Node, names: list[bytes], start_id: int,
                  token: pyfuse3.ReaddirToken) -> None:
     """A plain READDIR: each entry's inode number and type, the ones its lookup gives.  The
@@ -185,7 +189,7 @@ def _reply_plain(ovl: Overlay, node: Node, names: list[bytes], start_id: int,
     for i in range(start_id, len(names)):
         name = names[i]
         if name == b"." or name == b"..":
-            target = node if name == b"." else node.parent or node
+            target = _dot_target(node, name)
             attr.st_ino, attr.st_mode = target.ino, target.kind
         else:
             known = ovl.table.hot_child(node, name)

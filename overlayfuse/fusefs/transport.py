@@ -59,6 +59,11 @@ def declines_async_dio() -> bool:
     return hasattr(pyfuse3.Operations, "enable_async_dio")
 
 
+def has_idle_spin() -> bool:
+    """The request loop can spin before it sleeps (tools/pyfuse3/request-loop-spin.patch)."""
+    return hasattr(pyfuse3, "set_idle_spin")
+
+
 def set_idle_spin(microseconds: int) -> bool:
     """Let the idle request loop poll this long before it sleeps
     (tools/pyfuse3/request-loop-spin.patch); False where the binding cannot.
@@ -67,7 +72,7 @@ def set_idle_spin(microseconds: int) -> bool:
     and pay a wake-up (25-70 us of wall time here) for each; polling meanwhile spares it, at the
     CPU of the polling.  The loop spins only after a short wait, so an idle mount costs
     nothing and only a stream of requests pays.  Measured in bench/ (``overlayfuse-nospin``)."""
-    if not hasattr(pyfuse3, "set_idle_spin"):
+    if not has_idle_spin():
         return False
     pyfuse3.set_idle_spin(microseconds / 1e6)
     return True
@@ -90,7 +95,7 @@ def describe(zero_opens: bool = False, spin_us: int = DEFAULT_SPIN_US) -> str:
 
 
 def _spin(spin_us: int) -> str:
-    if not hasattr(pyfuse3, "set_idle_spin"):
+    if not has_idle_spin():
         return "no idle spin (pyfuse3 without tools/pyfuse3/request-loop-spin.patch)"
     if spin_us == 0:
         return "no idle spin (spin=0)"
