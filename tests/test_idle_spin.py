@@ -15,14 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyfuse3
 import pytest
 
 from mounts import make_layers, overlayfuse_mount, unmount
+from overlayfuse.fusefs import transport
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root here")
 
 WINDOW_US = 10000  # the largest window the option takes
+needs_spin = pytest.mark.skipif(not transport.has_idle_spin(), reason="stock pyfuse3: no spin")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -90,7 +91,7 @@ print(max(late))
 """
 
 
-@pytest.mark.skipif(not hasattr(pyfuse3, "set_idle_spin"), reason="stock pyfuse3: no spin")
+@needs_spin
 def test_a_spin_ends_at_the_next_trio_deadline(tmp_path: Path) -> None:
     """The daemon's trio timers (and stock pyfuse3's bounded waits) must fire on time while
     the loop spins: the spin stops at the nearer deadline, and the sleep after it waits
@@ -107,7 +108,7 @@ def test_a_spin_ends_at_the_next_trio_deadline(tmp_path: Path) -> None:
     assert worst < 0.02, f"a 2 ms trio sleep woke {worst * 1000:.1f} ms late during a spin"
 
 
-@pytest.mark.skipif(not hasattr(pyfuse3, "set_idle_spin"), reason="stock pyfuse3: no spin")
+@needs_spin
 @pytest.mark.parametrize("extra, want", [("", "idle spin 200 us"),
                                          (",spin=0", "no idle spin (spin=0)"),
                                          (",spin=750", "idle spin 750 us")])

@@ -69,25 +69,26 @@ def _change(m: Path) -> None:
         f.write(b"+")
 
 
+def _kind(is_dir: bool, is_link: bool, is_file: bool) -> str:
+    """The type letter both views can tell (d_type says no more for the rest)."""
+    return "d" if is_dir else "l" if is_link else "f" if is_file else "o"
+
+
 def _listing(m: Path) -> dict[str, tuple[int, str]]:
-    """name -> (d_ino, d_type letter) as readdir gives them, each checked against lstat."""
-    out: dict[str, tuple[int, str]] = {}
+    """name -> (d_ino, type) as readdir gives them."""
     with os.scandir(m / "d") as it:
         entries = list(it)
-    for e in entries:
-        kind = ("d" if e.is_dir(follow_symlinks=False) else "l" if e.is_symlink()
-                else "f" if e.is_file(follow_symlinks=False) else "o")
-        out[e.name] = (e.inode(), kind)
-    return out
+    return {e.name: (e.inode(), _kind(e.is_dir(follow_symlinks=False), e.is_symlink(),
+                                      e.is_file(follow_symlinks=False))) for e in entries}
 
 
 def _lstat_view(m: Path, names: list[str]) -> dict[str, tuple[int, str]]:
+    """name -> (st_ino, type) as lstat gives them."""
     out = {}
     for name in names:
         st = os.lstat(m / "d" / name)
-        kind = ("d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode)
-                else "f" if stat.S_ISREG(st.st_mode) else "o")
-        out[name] = (st.st_ino, kind)
+        out[name] = (st.st_ino, _kind(stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode),
+                                      stat.S_ISREG(st.st_mode)))
     return out
 
 
