@@ -423,7 +423,7 @@ def test_killed_during_a_switch(tmp_path: Path, op: str, who_dies: str, stage: s
 
 
 REACH = r"""
-import json, os, socket, sys
+import json, os, socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     os.chdir(os.path.dirname(sys.argv[1]))    # a store's path may be too long for sun_path
@@ -431,6 +431,7 @@ try:
 except OSError as e:
     print(json.dumps({"connect": e.strerror}))
     sys.exit(0)
+time.sleep(float(sys.argv[2]))   # a slow client: the daemon may answer before it is asked
 s.sendall(b'{"op": "ping"}\n')
 print(s.makefile().readline().strip() or json.dumps({"reply": None}))
 """
@@ -463,16 +464,18 @@ def test_another_user_cannot_switch(unprivileged: Unprivileged) -> None:
         script = home / "reach.py"
         script.write_text(REACH)
         script.chmod(0o644)
-        r = unprivileged.run([unprivileged.python, str(script), str(socks[0])],
+        r = unprivileged.run([unprivileged.python, str(script), str(socks[0]), "0"],
                              capture_output=True, text=True, timeout=TIMEOUT)
         assert json.loads(r.stdout) == {"connect": "Permission denied"}, r.stdout + r.stderr
         # with the socket opened to all, the daemon itself refuses by the peer's credentials
         os.chmod(who.base / "run", 0o755)
         os.chmod(socks[0], 0o666)
-        r = unprivileged.run([unprivileged.python, str(script), str(socks[0])],
-                             capture_output=True, text=True, timeout=TIMEOUT)
-        reply = json.loads(r.stdout)
-        assert reply["ok"] is False and "may not control" in reply["error"], r.stdout
+        for delay in ("0", "0.5"):
+            r = unprivileged.run([unprivileged.python, str(script), str(socks[0]), delay],
+                                 capture_output=True, text=True, timeout=TIMEOUT)
+            assert r.returncode == 0 and r.stdout, r.stderr
+            reply = json.loads(r.stdout)
+            assert reply["ok"] is False and "may not control" in reply["error"], r.stdout
         # root may, and the mount is unharmed
         assert ask_as_root(socks[0])["ok"] is True
         (mnt / "f").write_text("x\n")

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "OVERLAYFUSE_SWITCH_FAULT"  # tests: the stage at which the daemon SIGKILLs itself
 MAX_REQUEST = 1 << 20
 MAX_FDS = 16
+REFUSED_READ_TIMEOUT = 10.0   # seconds a refused peer has to send its request
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -106,6 +107,7 @@ async def _converse(conn, control: Control, ovl: Overlay, gate) -> None:
         allowed, pid, uid = peer_allowed(conn)
         if not allowed:
             log.warning("control request from uid %d (pid %d) refused", uid, pid)
+            await _discard_request(conn)
             await _reply(conn, {"ok": False, "error": f"uid {uid} may not control this mount "
                                 "(only its owner and root may)"})
             return
@@ -140,6 +142,19 @@ async def _receive(conn, fds: list[int]) -> dict:
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
     return request
+
+
+async def _discard_request(conn) -> None:
+    """Read a refused peer's request before answering it: hanging up first would meet a
+    request sent late with EPIPE, or one unread with a reset, and the refusal would be lost."""
+    fds: list[int] = []
+    with trio.move_on_after(REFUSED_READ_TIMEOUT):
+        try:
+            await _receive(conn, fds)
+        except (ValueError, OSError):
+            pass
+    for fd in fds:
+        os.close(fd)
 
 
 async def _reply(conn, reply: dict) -> None:
