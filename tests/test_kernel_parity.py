@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import stat
@@ -562,3 +563,97 @@ def test_file_capabilities_set_between_writes_like_the_kernel(tmp_path: Path) ->
     with both(tmp_path) as mounts:
         seen = same(mounts, _caps_around_writes)
     assert seen[:4] == ["ENODATA", _CAP_NET_RAW, "ENODATA", _CAP_NET_RAW], seen
+
+
+
+def _as_user(fn: Callable[[], Any], gid: int = 54321) -> int:
+    """Run ``fn`` in a child as uid 12345 with only group ``gid``: not root, and outside
+    the group of a file root made."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(12345)
+            fn()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    return os.waitpid(pid, 0)[1]
+
+
+def _with_fd(path: str, flags: int, fn: Callable[[int], Any]) -> None:
+    fd = os.open(path, flags)
+    try:
+        fn(fd)
+    finally:
+        os.close(fd)
+
+
+# each given "/proc/self/fd/DIRFD/NAME": a child reaches the file without searching the
+# test's private tmp dirs
+_CHANGES: dict[str, Callable[[str], Any]] = {
+    "write": lambda p: _with_fd(p, os.O_WRONLY | os.O_APPEND, lambda fd: os.write(fd, b"y\n")),
+    "fallocate": lambda p: _with_fd(p, os.O_WRONLY, lambda fd: os.posix_fallocate(fd, 0, 8192)),
+    "ftruncate": lambda p: _with_fd(p, os.O_WRONLY, lambda fd: os.ftruncate(fd, 1)),
+    "truncate": lambda p: os.truncate(p, 1),
+    "open O_TRUNC": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)),
+}
+_SETID_MODES = (0o6666, 0o6766, 0o6676, 0o6777, 0o2666, 0o2676, 0o4666)
+
+
+@pytest.mark.parametrize("op", sorted(_CHANGES))
+def test_a_change_clears_setuid_and_setgid_like_the_kernel(tmp_path: Path, op: str) -> None:
+    """xfstests generic/683-685: a user outside the group of a root-owned setuid/setgid file
+    who changes it clears setuid, and setgid also where the group may not execute the file
+    (the kernel's FUSE client clears that one only with group-exec: the daemon completes
+    it); root, holding CAP_FSETID, clears neither."""
+    def steps(mnt: Path) -> list[Any]:
+        out = []
+        dirfd = os.open(mnt, os.O_PATH | os.O_DIRECTORY)
+        try:
+            for i, mode in enumerate(_SETID_MODES * 2):
+                name = f"f{i}"
+                (mnt / name).write_bytes(b"x\n" * 100)
+                os.chmod(mnt / name, mode)
+                change = functools.partial(_CHANGES[op], f"/proc/self/fd/{dirfd}/{name}")
+                if i < len(_SETID_MODES):
+                    out.append(_as_user(change))
+                else:
+                    change()
+                out.append(oct(stat.S_IMODE(os.stat(mnt / name).st_mode)))
+        finally:
+            os.close(dirfd)
+        return out
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [
+            x for m in ("666", "766", "676", "777", "666", "676", "666") for x in (0, "0o" + m)
+        ] + [oct(m) for m in _SETID_MODES]
+
+
+def test_chmod_setgid_outside_the_group_drops_it_like_the_kernel(tmp_path: Path) -> None:
+    """The owner who is not in the file's group cannot set setgid: chmod silently drops it
+    (the kernel's FUSE client drops it before it asks; the daemon, which chmods with its own
+    credentials, must not put it back), a member keeps it."""
+    def steps(mnt: Path) -> list[Any]:
+        out = []
+        dirfd = os.open(mnt, os.O_PATH | os.O_DIRECTORY)
+        try:
+            for name, gid in (("member", 777), ("outsider", 54321)):
+                for kind in ("file", "dir"):
+                    path = mnt / f"{name}-{kind}"
+                    if kind == "dir":
+                        path.mkdir()
+                    else:
+                        path.write_bytes(b"x\n")
+                    os.chown(path, 12345, 777)
+                    out += [_as_user(functools.partial(
+                        os.chmod, f"/proc/self/fd/{dirfd}/{path.name}", 0o2755), gid),
+                        oct(stat.S_IMODE(os.stat(path).st_mode))]
+        finally:
+            os.close(dirfd)
+        return out
+
+    with both(tmp_path) as mounts:
+        assert same(mounts, steps) == [0, "0o2755", 0, "0o2755", 0, "0o755", 0, "0o755"]

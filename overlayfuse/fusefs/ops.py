@@ -15,7 +15,8 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from . import attrs, dir as dirops, export, file as fileops, readdir as readdirops, xattrs
+from . import (attrs, dir as dirops, export, file as fileops, privs, readdir as readdirops,
+               xattrs)
 from .inodes import ROOT
 from .gate import Gate
 from .inofiles import InodeFiles
@@ -127,7 +128,9 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return attrs.setattr_node(self.ovl, self.ovl.table.get(inode), attr, fields, fh)
+        node = self.ovl.table.get(inode)
+        attr, fields = privs.complete_setattr(self.ovl, node, attr, fields, ctx)
+        return attrs.setattr_node(self.ovl, node, attr, fields, fh)
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -201,7 +204,11 @@ class OverlayOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self.zero_opens:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # never asked again: fh is the inode
-        return await fileops.open_node(self.ovl, self.ovl.table.get(inode), flags)
+        node = self.ovl.table.get(inode)
+        info = await fileops.open_node(self.ovl, node, flags)
+        if flags & os.O_TRUNC:
+            privs.after_truncating_open(self.ovl, node, ctx)  # the kernel leaves it to OPEN
+        return info
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -1,0 +1,108 @@
+"""Clearing setuid and setgid where the kernel's FUSE client leaves the rule half applied.
+
+On the kernel's overlay (any local filesystem) a caller without CAP_FSETID who changes a
+file's data (write, truncate, fallocate, an O_TRUNC open) clears its setuid bit, and its
+setgid bit where the group may execute it *or the caller is not in the file's group*; a
+chmod by a caller outside the file's group drops setgid as well (the VFS's
+``setattr_should_drop_sgid`` and ``setattr_copy``).  The daemon makes every change with its
+own credentials, so the backing filesystem applies none of this, and the kernel's FUSE client
+(without ``handle_killpriv``) passes only part of it on: it sends the mode with setuid and
+group-executable setgid cleared, an empty SETATTR where that leaves nothing to clear, and
+nothing at all for an O_TRUNC open it lets the OPEN do (``atomic_o_trunc``).  Each request
+names its caller (uid, gid, pid), so the daemon completes the rule here.  The caller's other
+groups and its capabilities come from ``/proc/PID/status``, read only when a setgid (or, on
+an O_TRUNC open, setuid) bit is at stake and the caller's own gid is not the file's.
+"""
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+
+from . import attrs
+from .inodes import Node
+from .overlay import Overlay
+
+CAP_FSETID = 4
+
+
+@dataclass
+class ModeOnly:
+    """Setattr fields that change the mode (and a truncate's size): pyfuse3's are read-only."""
+
+    update_mode: bool = True
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+
+
+def _status(pid: int) -> dict[str, str] | None:
+    """The caller's /proc status fields; None when it is gone (or no process asked)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return None
+
+
+def _has_fsetid(status: dict[str, str]) -> bool:
+    return bool(int(status.get("CapEff", "0"), 16) >> CAP_FSETID & 1)
+
+
+def keeps_setgid(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller may keep a setgid bit of group ``gid``: a member of the group, or
+    one holding CAP_FSETID (the VFS's ``in_group_or_capable``).  A caller that cannot be
+    looked up keeps it: the daemon then does what the kernel's FUSE client asked."""
+    if ctx.gid == gid:
+        return True
+    status = _status(ctx.pid)
+    if status is None:
+        return True
+    return str(gid) in status.get("Groups", "").split() or _has_fsetid(status)
+
+
+def complete_setattr(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
+                     fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.EntryAttributes, pyfuse3.SetattrFields | ModeOnly]:
+    """The attributes and fields a SETATTR is to apply, with setgid dropped where the caller
+    may not keep it: the mode the kernel sends after a change (setuid cleared, setgid
+    kept), a truncate, or the empty SETATTR the kernel sends after a change, of a file whose
+    setgid bit only the group test clears.  (A chmod the kernel has already checked.)"""
+    if fields.update_mode:
+        if attr.st_mode & stat.S_ISGID:
+            gid = attr.st_gid if fields.update_gid else attrs.getattr_node(ovl, node).st_gid
+            if not keeps_setgid(ctx, gid):
+                attr.st_mode &= ~stat.S_ISGID
+        return attr, fields
+    if (fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime
+            or fields.update_ctime):
+        return attr, fields
+    current = attrs.getattr_node(ovl, node)
+    mode = current.st_mode
+    if (not stat.S_ISREG(mode) or mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID
+            or keeps_setgid(ctx, current.st_gid)):
+        return attr, fields
+    attr.st_mode = mode & ~stat.S_ISGID   # with a truncate's size, if it is one
+    return attr, ModeOnly(update_size=fields.update_size)
+
+
+def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext) -> None:
+    """An O_TRUNC open truncated the file: clear what a truncate by this caller clears."""
+    current = attrs.getattr_node(ovl, node)
+    mode = current.st_mode
+    if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return
+    status = _status(ctx.pid)
+    if status is None or _has_fsetid(status):
+        return
+    new = mode & ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not keeps_setgid(ctx, current.st_gid)):
+        new &= ~stat.S_ISGID
+    if new != mode:
+        change = pyfuse3.EntryAttributes()
+        change.st_mode = new
+        attrs.setattr_node(ovl, node, change, ModeOnly(), None)
