@@ -453,23 +453,26 @@ def test_file_handles_survive_a_remount_like_the_kernel(tmp_path: Path) -> None:
         "d": ["f"], "d/f": b"kept\n", "low": b"lower\n"}, results
 
 
+def _as_user(fn: Callable[[], Any], gid: int = 54321) -> int:
+    """Run ``fn`` in a child as uid 12345 with only group ``gid``: not root, and by default
+    outside the group of every file the tests make."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(12345)
+            fn()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    return os.waitpid(pid, 0)[1]
+
+
 def test_setting_an_acl_clears_sgid_outside_the_group_like_the_kernel(tmp_path: Path) -> None:
     """xfstests generic/375: the owner sets an access ACL; setgid stays only for a member of
     the file's group."""
     acl = _acl((_ACL_USER_OBJ, 7, _NO_ID), (_ACL_GROUP_OBJ, 7, _NO_ID), (_ACL_OTHER, 7, _NO_ID))
-
-    def set_acl_as(fd: int, gid: int) -> int:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(12345)
-                os.setxattr(fd, "system.posix_acl_access", acl)
-                os._exit(0)
-            except BaseException:  # noqa: BLE001
-                os._exit(1)
-        return os.waitpid(pid, 0)[1]
 
     def steps(mnt: Path) -> list[Any]:
         out = []
@@ -479,7 +482,8 @@ def test_setting_an_acl_clears_sgid_outside_the_group_like_the_kernel(tmp_path: 
             os.chmod(mnt / name, 0o2755)
             fd = os.open(mnt / name, os.O_RDONLY)
             try:
-                out += [set_acl_as(fd, gid), oct(stat.S_IMODE(os.stat(mnt / name).st_mode))]
+                set_acl = functools.partial(os.setxattr, fd, "system.posix_acl_access", acl)
+                out += [_as_user(set_acl, gid), oct(stat.S_IMODE(os.stat(mnt / name).st_mode))]
             finally:
                 os.close(fd)
         return out
@@ -563,23 +567,6 @@ def test_file_capabilities_set_between_writes_like_the_kernel(tmp_path: Path) ->
     with both(tmp_path) as mounts:
         seen = same(mounts, _caps_around_writes)
     assert seen[:4] == ["ENODATA", _CAP_NET_RAW, "ENODATA", _CAP_NET_RAW], seen
-
-
-
-def _as_user(fn: Callable[[], Any], gid: int = 54321) -> int:
-    """Run ``fn`` in a child as uid 12345 with only group ``gid``: not root, and outside
-    the group of a file root made."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(12345)
-            fn()
-            os._exit(0)
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-    return os.waitpid(pid, 0)[1]
 
 
 def _with_fd(path: str, flags: int, fn: Callable[[int], Any]) -> None:
