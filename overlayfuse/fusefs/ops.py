@@ -207,7 +207,10 @@ class OverlayOperations(pyfuse3.Operations):
         node = self.ovl.table.get(inode)
         info = await fileops.open_node(self.ovl, node, flags)
         if flags & os.O_TRUNC:
-            privs.after_truncating_open(self.ovl, node, ctx)  # the kernel leaves it to OPEN
+            try:  # the kernel leaves it to OPEN; the file is open by now, its handle given
+                privs.after_truncating_open(self.ovl, node, ctx)
+            except (OSError, pyfuse3.FUSEError) as e:
+                log.warning("setuid/setgid not cleared after an O_TRUNC open: %s", e)
         return info
 
     @_errors
