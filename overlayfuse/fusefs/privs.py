@@ -53,13 +53,14 @@ def _has_fsetid(status: dict[str, str]) -> bool:
     return bool(int(status.get("CapEff", "0"), 16) >> CAP_FSETID & 1)
 
 
-def keeps_setgid(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+def keeps_setgid(ctx: pyfuse3.RequestContext, gid: int,
+                 status: dict[str, str] | None = None) -> bool:
     """Whether the caller may keep a setgid bit of group ``gid``: a member of the group, or
     one holding CAP_FSETID (the VFS's ``in_group_or_capable``).  A caller that cannot be
     looked up keeps it: the daemon then does what the kernel's FUSE client asked."""
     if ctx.gid == gid:
         return True
-    status = _status(ctx.pid)
+    status = status or _status(ctx.pid)
     if status is None:
         return True
     return str(gid) in status.get("Groups", "").split() or _has_fsetid(status)
@@ -71,7 +72,8 @@ def complete_setattr(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     """The attributes and fields a SETATTR is to apply, with setgid dropped where the caller
     may not keep it: the mode the kernel sends after a change (setuid cleared, setgid
     kept), a truncate, or the empty SETATTR the kernel sends after a change, of a file whose
-    setgid bit only the group test clears.  (A chmod the kernel has already checked.)"""
+    setgid bit only the group test clears.  A chmod meets the same test, which the kernel's
+    client has made already."""
     if fields.update_mode:
         if attr.st_mode & stat.S_ISGID:
             gid = attr.st_gid if fields.update_gid else attrs.getattr_node(ovl, node).st_gid
@@ -100,7 +102,8 @@ def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext)
     if status is None or _has_fsetid(status):
         return
     new = mode & ~stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not keeps_setgid(ctx, current.st_gid)):
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP
+                                or not keeps_setgid(ctx, current.st_gid, status)):
         new &= ~stat.S_ISGID
     if new != mode:
         change = pyfuse3.EntryAttributes()
