@@ -128,9 +128,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        node = self.ovl.table.get(inode)
-        attr, fields = privs.complete_setattr(self.ovl, node, attr, fields, ctx)
-        return attrs.setattr_node(self.ovl, node, attr, fields, fh)
+        return privs.setattr_node(self.ovl, self.ovl.table.get(inode), attr, fields, fh, ctx)
 
     @_errors
     async def readlink(self, inode, ctx):

@@ -27,9 +27,9 @@ from .overlay import Overlay
 CAP_FSETID = 4
 
 
-@dataclass
-class ModeOnly:
-    """Setattr fields that change the mode (and a truncate's size): pyfuse3's are read-only."""
+@dataclass(frozen=True)
+class _ModeOnly:
+    """Setattr fields that change the mode alone (pyfuse3's own cannot be made here)."""
 
     update_mode: bool = True
     update_uid: bool = False
@@ -38,6 +38,9 @@ class ModeOnly:
     update_atime: bool = False
     update_mtime: bool = False
     update_ctime: bool = False
+
+
+MODE_ONLY = _ModeOnly()
 
 
 def _status(pid: int) -> dict[str, str] | None:
@@ -66,30 +69,31 @@ def keeps_setgid(ctx: pyfuse3.RequestContext, gid: int,
     return str(gid) in status.get("Groups", "").split() or _has_fsetid(status)
 
 
-def complete_setattr(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
-                     fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.EntryAttributes, pyfuse3.SetattrFields | ModeOnly]:
-    """The attributes and fields a SETATTR is to apply, with setgid dropped where the caller
-    may not keep it: the mode the kernel sends after a change (setuid cleared, setgid
-    kept), a truncate, or the empty SETATTR the kernel sends after a change, of a file whose
-    setgid bit only the group test clears.  A chmod meets the same test, which the kernel's
-    client has made already."""
+def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
+                 fields: pyfuse3.SetattrFields, fh: int | None,
+                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    """attrs.setattr_node with setgid dropped where the caller may not keep it: from the mode
+    the kernel sends after a change (setuid cleared, setgid kept; a chmod meets the same
+    test, which the kernel's client has made already), and after a truncate or the empty
+    SETATTR the kernel sends after a change, from a file whose setgid bit only the group
+    test clears.  The file's mode is read only where a setgid bit is at stake."""
     if fields.update_mode:
         if attr.st_mode & stat.S_ISGID:
             gid = attr.st_gid if fields.update_gid else attrs.getattr_node(ovl, node).st_gid
             if not keeps_setgid(ctx, gid):
                 attr.st_mode &= ~stat.S_ISGID
-        return attr, fields
+        return attrs.setattr_node(ovl, node, attr, fields, fh)
+    result = attrs.setattr_node(ovl, node, attr, fields, fh)
     if (fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime
             or fields.update_ctime):
-        return attr, fields
-    current = attrs.getattr_node(ovl, node)
-    mode = current.st_mode
+        return result
+    mode = result.st_mode
     if (not stat.S_ISREG(mode) or mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID
-            or keeps_setgid(ctx, current.st_gid)):
-        return attr, fields
-    attr.st_mode = mode & ~stat.S_ISGID   # with a truncate's size, if it is one
-    return attr, ModeOnly(update_size=fields.update_size)
+            or keeps_setgid(ctx, result.st_gid)):
+        return result
+    change = pyfuse3.EntryAttributes()
+    change.st_mode = mode & ~stat.S_ISGID
+    return attrs.setattr_node(ovl, node, change, MODE_ONLY, fh)
 
 
 def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext) -> None:
@@ -108,4 +112,4 @@ def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext)
     if new != mode:
         change = pyfuse3.EntryAttributes()
         change.st_mode = new
-        attrs.setattr_node(ovl, node, change, ModeOnly(), None)
+        attrs.setattr_node(ovl, node, change, MODE_ONLY, None)
