@@ -11,7 +11,8 @@ group-executable setgid cleared, an empty SETATTR where that leaves nothing to c
 nothing at all for an O_TRUNC open it lets the OPEN do (``atomic_o_trunc``).  Each request
 names its caller (uid, gid, pid), so the daemon completes the rule here.  The caller's other
 groups and its capabilities come from ``/proc/PID/status``, read only when a setgid (or, on
-an O_TRUNC open, setuid) bit is at stake and the caller's own gid is not the file's.
+an O_TRUNC open, setuid) bit is at stake and the caller's own gid is not the file's.  Setting
+an access ACL meets the same group test (xattrs.py).
 """
 from __future__ import annotations
 
@@ -56,17 +57,19 @@ def _has_fsetid(status: dict[str, str]) -> bool:
     return bool(int(status.get("CapEff", "0"), 16) >> CAP_FSETID & 1)
 
 
-def keeps_setgid(ctx: pyfuse3.RequestContext, gid: int,
+def keeps_setgid(pid: int, gid: int, fsgid: int = -1,
                  status: dict[str, str] | None = None) -> bool:
-    """Whether the caller may keep a setgid bit of group ``gid``: a member of the group, or
-    one holding CAP_FSETID (the VFS's ``in_group_or_capable``).  A caller that cannot be
-    looked up keeps it: the daemon then does what the kernel's FUSE client asked."""
-    if ctx.gid == gid:
+    """Whether the caller ``pid`` (whose fsgid the request may name) may keep a setgid bit
+    of group ``gid``: a member of the group, or one holding CAP_FSETID (the VFS's
+    ``in_group_or_capable``).  A caller that cannot be looked up keeps it: the daemon then
+    does what the kernel's FUSE client asked."""
+    if fsgid == gid:
         return True
-    status = status or _status(ctx.pid)
+    status = status or _status(pid)
     if status is None:
         return True
-    return str(gid) in status.get("Groups", "").split() or _has_fsetid(status)
+    members = status.get("Groups", "").split() + status.get("Gid", "").split()[1:2]
+    return str(gid) in members or _has_fsetid(status)
 
 
 def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
@@ -80,7 +83,7 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
     if fields.update_mode:
         if attr.st_mode & stat.S_ISGID:
             gid = attr.st_gid if fields.update_gid else attrs.getattr_node(ovl, node).st_gid
-            if not keeps_setgid(ctx, gid):
+            if not keeps_setgid(ctx.pid, gid, ctx.gid):
                 attr.st_mode &= ~stat.S_ISGID
         return attrs.setattr_node(ovl, node, attr, fields, fh)
     result = attrs.setattr_node(ovl, node, attr, fields, fh)
@@ -89,11 +92,9 @@ def setattr_node(ovl: Overlay, node: Node, attr: pyfuse3.EntryAttributes,
         return result
     mode = result.st_mode
     if (not stat.S_ISREG(mode) or mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID
-            or keeps_setgid(ctx, result.st_gid)):
+            or keeps_setgid(ctx.pid, result.st_gid, ctx.gid)):
         return result
-    change = pyfuse3.EntryAttributes()
-    change.st_mode = mode & ~stat.S_ISGID
-    return attrs.setattr_node(ovl, node, change, MODE_ONLY, fh)
+    return _chmod(ovl, node, mode & ~stat.S_ISGID, fh)
 
 
 def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext) -> None:
@@ -107,9 +108,13 @@ def after_truncating_open(ovl: Overlay, node: Node, ctx: pyfuse3.RequestContext)
         return
     new = mode & ~stat.S_ISUID
     if mode & stat.S_ISGID and (mode & stat.S_IXGRP
-                                or not keeps_setgid(ctx, current.st_gid, status)):
+                                or not keeps_setgid(ctx.pid, current.st_gid, ctx.gid, status)):
         new &= ~stat.S_ISGID
     if new != mode:
-        change = pyfuse3.EntryAttributes()
-        change.st_mode = new
-        attrs.setattr_node(ovl, node, change, MODE_ONLY, None)
+        _chmod(ovl, node, new, None)
+
+
+def _chmod(ovl: Overlay, node: Node, mode: int, fh: int | None) -> pyfuse3.EntryAttributes:
+    change = pyfuse3.EntryAttributes()
+    change.st_mode = mode
+    return attrs.setattr_node(ovl, node, change, MODE_ONLY, fh)

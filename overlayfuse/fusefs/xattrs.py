@@ -17,6 +17,7 @@ import stat
 import pyfuse3
 
 from .. import format as fmt
+from . import privs
 from .copy_up import copy_up
 from .inodes import Node
 from .overlay import Overlay
@@ -121,7 +122,6 @@ def setxattr(ovl: Overlay, node: Node, name: bytes, value: bytes,
 
 
 ACL_ACCESS = b"system.posix_acl_access"
-_CAP_FSETID = 1 << 4
 
 
 def _kill_sgid_unless_in_group(path, follow: bool, pid: int) -> None:
@@ -132,14 +132,7 @@ def _kill_sgid_unless_in_group(path, follow: bool, pid: int) -> None:
     st = os.stat(path, follow_symlinks=follow)
     if stat.S_ISLNK(st.st_mode) or not st.st_mode & stat.S_ISGID:
         return
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        groups = {int(g) for g in fields["Groups"].split()} | {int(fields["Gid"].split()[1])}
-        capable = int(fields["CapEff"], 16) & _CAP_FSETID
-    except (OSError, KeyError, ValueError, IndexError):
-        return  # the caller is gone: nobody to judge
-    if st.st_gid not in groups and not capable:
+    if not privs.keeps_setgid(pid, st.st_gid):  # a caller that is gone keeps it
         os.chmod(path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)  # not a symlink: checked
 
 
